@@ -1,0 +1,1 @@
+"""Thin clients for optserve (HTTP, PyTorch adapter, federated worker)."""

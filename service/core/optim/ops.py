@@ -1,0 +1,38 @@
+"""Elementwise primitives with torch's operation order, for the NumPy references.
+
+NumPy scalars in these formulas are Python floats, which NumPy casts to the array's
+dtype first (NEP 50), as torch's CPU kernels cast a scalar to the tensor's dtype; so a
+float32 session computes in float32 like `torch.optim` does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def lerp_(start: np.ndarray, end: np.ndarray, weight: float) -> None:
+    """`start += weight * (end - start)` in place, as `torch.Tensor.lerp_`.
+
+    torch switches to `end - (end - start) * (1 - weight)` for `|weight| >= 0.5`
+    for accuracy near 1; so does this.
+    """
+    if abs(weight) < 0.5:
+        start += weight * (end - start)
+    else:
+        start[...] = end - (end - start) * (1.0 - weight)
+
+
+def ema_sq_(avg_sq: np.ndarray, grad: np.ndarray, decay: float) -> None:
+    """`avg_sq = decay * avg_sq + (1 - decay) * grad**2` in place (torch `mul_().addcmul_()`)."""
+    avg_sq *= decay
+    avg_sq += (1.0 - decay) * grad * grad
+
+
+def negate_if(grads: np.ndarray, maximize: bool) -> np.ndarray:
+    """The gradient to descend: `-grads` when maximizing (a new array; `grads` is untouched)."""
+    return -grads if maximize else grads
+
+
+def l2_(grad: np.ndarray, params: np.ndarray, weight_decay: float) -> np.ndarray:
+    """L2 weight decay folded into the gradient (torch `grad.add(param, alpha=wd)`), new array."""
+    return grad + weight_decay * params if weight_decay != 0 else grad
