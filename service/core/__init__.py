@@ -7,11 +7,23 @@ from service.core.errors import CoreError, HyperparameterError, LayoutError, Sta
 from service.core.layout import FlatLayout, TensorSpec
 from service.core.optim import OPTIMIZERS, Hyper, Optimizer, get_optimizer, parse_hyper
 from service.core.state import OptState
+from service.core.transforms import (
+    GradientTransforms,
+    TransformResult,
+    apply_transforms,
+    clip_by_global_norm,
+    clip_by_tensor_norm,
+    clip_by_value,
+    find_nonfinite,
+    global_norm,
+    tensor_norms,
+)
 
 __all__ = [
     "OPTIMIZERS",
     "CoreError",
     "FlatLayout",
+    "GradientTransforms",
     "Hyper",
     "HyperparameterError",
     "LayoutError",
@@ -19,6 +31,14 @@ __all__ = [
     "Optimizer",
     "StateError",
     "TensorSpec",
+    "TransformResult",
+    "apply_transforms",
+    "clip_by_global_norm",
+    "clip_by_tensor_norm",
+    "clip_by_value",
+    "find_nonfinite",
     "get_optimizer",
+    "global_norm",
     "parse_hyper",
+    "tensor_norms",
 ]

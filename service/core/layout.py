@@ -91,7 +91,7 @@ class FlatLayout:
         try:
             return self._index[name]
         except KeyError:
-            raise LayoutError(f"unknown tensor {name!r}") from None
+            raise LayoutError(f"unknown tensor {name!r}", name=name) from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._index
@@ -128,8 +128,11 @@ class FlatLayout:
         return {s.name: flat[s.offset : s.stop].reshape(s.shape) for s in self.specs}
 
     def segment_sum(self, values: FloatArray) -> FloatArray:
-        """Sum of `values` over each tensor's segment (one number per tensor)."""
-        out = np.zeros(len(self.specs), dtype=values.dtype)
+        """Sum of `values` over each tensor's segment (one number per tensor).
+
+        The result has the dtype `np.sum` gives (bools are counted as int64, not or-ed).
+        """
+        out = np.zeros(len(self.specs), dtype=values[:0].sum().dtype)
         for i, spec in enumerate(self.specs):
             out[i] = values[spec.offset : spec.stop].sum()
         return out

@@ -87,7 +87,9 @@ def decode(buffer: bytes | bytearray | memoryview) -> tuple[dict[str, np.ndarray
         raise TensorFileError(f"header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise TensorFileError("header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -107,12 +109,12 @@ def _tensor(name: str, info: object, data: memoryview) -> np.ndarray:
         raise TensorFileError(f"tensor {name!r}: unsupported dtype {info.get('dtype')!r}")
     shape = info.get("shape")
     offsets = info.get("data_offsets")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+    if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
         raise TensorFileError(f"tensor {name!r}: shape must be a list of non-negative integers")
     if not (
         isinstance(offsets, list)
         and len(offsets) == 2
-        and all(isinstance(o, int) for o in offsets)
+        and all(_is_int(o) for o in offsets)
         and 0 <= offsets[0] <= offsets[1] <= len(data)
     ):
         raise TensorFileError(f"tensor {name!r}: data_offsets out of range")
@@ -125,4 +127,10 @@ def _tensor(name: str, info: object, data: memoryview) -> np.ndarray:
             f"tensor {name!r}: {end - begin} bytes do not hold shape {shape} of {info['dtype']}"
         )
     array = np.frombuffer(data[begin:end], dtype=dtype, count=count).reshape(shape)
+    array.flags.writeable = False  # a writable buffer (bytearray) must not be written through
     return array
+
+
+def _is_int(value: object) -> bool:
+    """A JSON integer (`true`/`false` load as bool, a subclass of int: not a size)."""
+    return isinstance(value, int) and not isinstance(value, bool)
