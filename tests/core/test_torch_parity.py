@@ -60,6 +60,77 @@ CASES: dict[str, tuple[Any, list[dict[str, Any]]]] = {
         ]
         + [{}],
     ),
+    "adagrad": (
+        torch.optim.Adagrad,
+        [
+            {"lr": 0.05, **c}
+            for c in grid(
+                lr_decay=[0.0, 0.01],
+                weight_decay=[0.0, 0.05],
+                initial_accumulator_value=[0.0, 0.1],
+                maximize=[False, True],
+            )
+        ]
+        + [{"eps": 1e-6}, {}],
+    ),
+    "rmsprop": (
+        torch.optim.RMSprop,
+        [
+            {"lr": 0.001, **c}
+            for c in grid(
+                momentum=[0.0, 0.9],
+                centered=[False, True],
+                weight_decay=[0.0, 0.05],
+                maximize=[False, True],
+            )
+        ]
+        + [
+            {"lr": 0.001, "alpha": 0.9, "eps": 1e-6, "momentum": 0.5, "centered": True},
+            {"lr": 0.001, "alpha": 0.0},
+            {},
+        ],
+    ),
+    "adadelta": (
+        torch.optim.Adadelta,
+        [
+            {"lr": 0.5, **c}
+            for c in grid(weight_decay=[0.0, 0.05], maximize=[False, True], rho=[0.9, 0.5, 1.0])
+        ]
+        + [{"eps": 1e-4, "rho": 0.0}, {}],
+    ),
+    "adamax": (
+        torch.optim.Adamax,
+        [{"lr": 0.01, **c} for c in grid(weight_decay=[0.0, 0.1], maximize=[False, True])]
+        + [{"lr": 0.003, "betas": (0.8, 0.95), "eps": 1e-6}, {"betas": (0.0, 0.0)}, {}],
+    ),
+    "nadam": (
+        torch.optim.NAdam,
+        [
+            {"lr": 0.01, **c}
+            for c in grid(
+                weight_decay=[0.0, 0.1],
+                decoupled_weight_decay=[False, True],
+                maximize=[False, True],
+            )
+        ]
+        + [
+            {"lr": 0.003, "betas": (0.8, 0.95), "eps": 1e-6, "momentum_decay": 0.01},
+            {"momentum_decay": 0.0},
+            {},
+        ],
+    ),
+    "radam": (
+        torch.optim.RAdam,
+        [
+            {"lr": 0.01, **c}
+            for c in grid(
+                weight_decay=[0.0, 0.1],
+                decoupled_weight_decay=[False, True],
+                maximize=[False, True],
+            )
+        ]
+        + [{"lr": 0.003, "betas": (0.8, 0.95), "eps": 1e-6}, {}],
+    ),
 }
 
 PARAMS = [

@@ -14,12 +14,39 @@ from typing import Annotated, Any
 from pydantic import Field, TypeAdapter, ValidationError
 
 from service.core.errors import HyperparameterError
+from service.core.optim.adabelief import AdaBelief, AdaBeliefHyper
+from service.core.optim.adabound import AdaBound, AdaBoundHyper, AMSBound, AMSBoundHyper
+from service.core.optim.adadelta import Adadelta, AdadeltaHyper
+from service.core.optim.adagrad import Adagrad, AdagradHyper
 from service.core.optim.adam import Adam, AdamHyper, AdamW, AdamWHyper
+from service.core.optim.adamax import Adamax, AdamaxHyper
 from service.core.optim.base import Hyper, Optimizer
+from service.core.optim.lamb import Lamb, LambHyper
+from service.core.optim.lion import Lion, LionHyper
+from service.core.optim.nadam import NAdam, NAdamHyper
+from service.core.optim.radam import RAdam, RAdamHyper
+from service.core.optim.rmsprop import RMSprop, RMSpropHyper
 from service.core.optim.sgd import SGD, SGDHyper
+from service.core.optim.swats import SWATS, SWATSHyper
+from service.core.optim.yogi import Yogi, YogiHyper
 
 OptimizerHyper = Annotated[
-    AdamHyper | AdamWHyper | SGDHyper,
+    AdamHyper
+    | AdamWHyper
+    | SGDHyper
+    | AdagradHyper
+    | RMSpropHyper
+    | AdadeltaHyper
+    | AdamaxHyper
+    | NAdamHyper
+    | RAdamHyper
+    | AdaBoundHyper
+    | AMSBoundHyper
+    | SWATSHyper
+    | LionHyper
+    | LambHyper
+    | AdaBeliefHyper
+    | YogiHyper,
     Field(discriminator="name"),
 ]
 
@@ -29,6 +56,19 @@ OPTIMIZERS: dict[str, Optimizer[Any]] = {
         SGD(),
         Adam(),
         AdamW(),
+        Adagrad(),
+        RMSprop(),
+        Adadelta(),
+        Adamax(),
+        NAdam(),
+        RAdam(),
+        AdaBound(),
+        AMSBound(),
+        SWATS(),
+        Lion(),
+        Lamb(),
+        AdaBelief(),
+        Yogi(),
     )
 }
 
