@@ -15,12 +15,24 @@ class LayoutError(CoreError):
         self.name = name
 
 
-class HyperparameterError(CoreError):
-    """An optimizer's hyperparameters are invalid; `errors` lists each field at fault."""
+class SpecError(CoreError):
+    """A spec (optimizer, schedule, ...) is invalid; `errors` lists each field at fault.
+
+    Each error is `{"loc": (field, index, ...), "msg": "..."}`; `str()` joins them as
+    `betas[0] must be in [0, 1): got 1.2`.
+    """
 
     def __init__(self, errors: list[dict[str, object]]) -> None:
         self.errors = errors
         super().__init__("; ".join(_describe(e) for e in errors))
+
+
+class HyperparameterError(SpecError):
+    """An optimizer's hyperparameters are invalid."""
+
+
+class ScheduleError(SpecError):
+    """A learning-rate schedule's spec is invalid, or it was asked for what it lacks."""
 
 
 class StateError(CoreError):
