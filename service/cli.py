@@ -2,19 +2,26 @@
 
 optserve optimizers               list every optimizer with its defaults
 optserve demo [--optimizer adam]  train a small regression with the core, print the loss
+optserve schedule preview --lr 0.1 --spec '{"name": "step", "step_size": 30}' --steps 100
+                                  print a schedule's rates (and momenta) per step [--json]
+optserve schedule plot --lr 0.1 --spec '...' --steps 100 -o schedule.png
+                                  write the schedule as a PNG plot [--current-step N]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
-from service.core import OPTIMIZERS, FlatLayout, HyperparameterError, parse_hyper
+from service.core import OPTIMIZERS, CoreError, FlatLayout, HyperparameterError, parse_hyper
+from service.core.schedules import Schedule, parse_schedule
 
 
 def _optimizers(_: argparse.Namespace) -> int:
@@ -61,6 +68,104 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: got {value}")
+    return value
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0: got {text}")
+    return value
+
+
+def _load_schedule(args: argparse.Namespace) -> Schedule | None:
+    """The schedule of `--spec`, or None after printing why it is invalid."""
+    prog = f"optserve schedule {args.action}"
+    try:
+        data = json.loads(args.spec)
+    except json.JSONDecodeError as exc:
+        print(f"{prog}: --spec is not valid JSON: {exc}", file=sys.stderr)
+        return None
+    if not isinstance(data, dict):
+        print(
+            f'{prog}: --spec must be a JSON object, e.g. \'{{"name": "step", "step_size": 30}}\'',
+            file=sys.stderr,
+        )
+        return None
+    try:
+        return parse_schedule(data)
+    except CoreError as exc:
+        print(f"{prog}: invalid schedule spec: {exc}", file=sys.stderr)
+        return None
+
+
+def _schedule_preview(args: argparse.Namespace) -> int:
+    schedule = _load_schedule(args)
+    if schedule is None:
+        return 2
+    try:
+        rates = schedule.lrs(args.steps, args.lr)
+        momenta = schedule.momenta(args.steps)
+    except CoreError as exc:
+        print(f"optserve schedule preview: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        out = {
+            "schedule": schedule.model_dump(mode="json"),
+            "base_lr": args.lr,
+            "steps": args.steps,
+            "lrs": rates.tolist(),
+            "momenta": None if momenta is None else momenta.tolist(),
+        }
+        print(json.dumps(out))
+        return 0
+    print(f"# {json.dumps(schedule.model_dump(mode='json'))}, base lr {args.lr:g}")
+    print(f"{'step':>6s}  {'lr':>14s}" + ("" if momenta is None else f"  {'momentum':>10s}"))
+    for t, rate in enumerate(rates):
+        line = f"{t:6d}  {rate:14.8g}"
+        if momenta is not None:
+            line += f"  {momenta[t]:10.6g}"
+        print(line)
+    return 0
+
+
+def _schedule_plot(args: argparse.Namespace) -> int:
+    schedule = _load_schedule(args)
+    if schedule is None:
+        return 2
+    if args.current_step is not None and not 0 <= args.current_step < args.steps:
+        print(
+            f"optserve schedule plot: --current-step must be in [0, {args.steps}): "
+            f"got {args.current_step}",
+            file=sys.stderr,
+        )
+        return 2
+    from service.core.plots import schedule_png
+
+    try:
+        png = schedule_png(schedule, args.lr, args.steps, args.current_step)
+    except CoreError as exc:
+        print(f"optserve schedule plot: {exc}", file=sys.stderr)
+        return 2
+    try:
+        Path(args.output).write_bytes(png)
+    except OSError as exc:
+        print(f"optserve schedule plot: cannot write {args.output}: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.output} ({len(png)} bytes)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="optserve", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +179,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+    schedule = sub.add_parser("schedule", help="preview or plot a learning-rate schedule")
+    actions = schedule.add_subparsers(dest="action", required=True)
+    for action, func, help_text in (
+        ("preview", _schedule_preview, "print the rate (and momentum) of every step"),
+        ("plot", _schedule_plot, "write the schedule as a PNG plot"),
+    ):
+        p = actions.add_parser(action, help=help_text)
+        p.add_argument("--lr", type=_rate, required=True, help="base learning rate")
+        p.add_argument(
+            "--spec", required=True, help='schedule spec as JSON, e.g. \'{"name": "step", ...}\''
+        )
+        p.add_argument("--steps", type=_positive_int, default=100, help="steps to show")
+        p.set_defaults(func=func)
+        if action == "preview":
+            p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        else:
+            p.add_argument("-o", "--output", required=True, help="PNG file to write")
+            p.add_argument("--current-step", type=int, default=None, help="step to mark")
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -1,0 +1,188 @@
+"""PNG plots of an LR range test and of a learning-rate schedule.
+
+matplotlib is an optional dependency (the `server` extra); it is imported inside the
+functions, so importing this module costs nothing and the core runs without it.
+
+The figures are made with `matplotlib.figure.Figure` and drawn by the Agg canvas directly,
+never through `pyplot`: no global backend switch, no figure registry to leak into (so there
+is nothing for `plt.close` to do; the figure is cleared before returning), and safe to call
+from the server's worker threads. Each plot has a fixed size and dpi (800 x 500 pixels), and
+the PNG is written without the `Software` text chunk, so the same input gives the same
+bytes for a given matplotlib version.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from service.core.errors import CoreError
+from service.core.lr_finder import LRFinderConfig, LRFinderState, Suggestion
+from service.core.schedules.base import Schedule
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+#: inches and dots per inch of every plot (800 x 500 pixels)
+FIGSIZE = (8.0, 5.0)
+DPI = 100
+
+_COLORS = {
+    "steepest": "tab:red",
+    "minimum": "tab:green",
+    "steep": "tab:purple",
+    "valley": "tab:orange",
+}
+
+
+def _new_figure() -> Figure:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise CoreError(
+            "plots need matplotlib: pip install 'optserve[server]' (or matplotlib)"
+        ) from exc
+    return Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+
+
+def _png(fig: Figure) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    finally:
+        fig.clear()
+    return buf.getvalue()
+
+
+def _title(config: LRFinderConfig, state: LRFinderState) -> str:
+    n = len(state.lrs)
+    if state.stop_reason == "diverged":
+        why = (
+            "non-finite loss"
+            if state.nonfinite_lr is not None
+            else f"smoothed loss > {config.diverge_th:g} x best"
+        )
+        status = f"stopped: diverged after {n} of {config.num_steps} steps ({why})"
+    elif state.stop_reason == "completed":
+        status = f"stopped: completed, {n} steps"
+    else:
+        status = f"running: {n} of {config.num_steps} steps"
+    return f"LR range test ({config.mode} ramp) - {status}"
+
+
+def lr_finder_png(
+    config: LRFinderConfig,
+    state: LRFinderState,
+    suggestions: Mapping[str, Suggestion] | None = None,
+) -> bytes:
+    """Loss against rate: the smoothed loss, the raw loss faint behind it (log rate axis for
+    the exp ramp), each suggestion marked at the point it picked and drawn as a vertical
+    line at its rate, labelled with that rate, and the stop reason in the title."""
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    lrs = np.asarray(state.lrs, dtype=np.float64)
+    raw = np.asarray(state.losses, dtype=np.float64)
+    smoothed = np.asarray(state.smoothed, dtype=np.float64)
+    if len(lrs):
+        ax.plot(lrs, raw, color="tab:blue", alpha=0.3, linewidth=1.0, label="loss")
+        ax.plot(lrs, smoothed, color="tab:blue", linewidth=2.0, label="smoothed loss")
+        lo = float(min(raw.min(), smoothed.min()))
+        # the top of the smoothed curve, or of the raw one bar its highest tenth (the
+        # explosion at the end of a diverged test would squash the rest of the curve)
+        hi = float(max(smoothed.max(), np.quantile(raw, 0.9)))
+        margin = 0.05 * (hi - lo) if hi > lo else 0.05 * max(abs(hi), 1.0)
+        ax.set_ylim(lo - margin, hi + margin)
+    else:
+        ax.text(0.5, 0.5, "no losses yet", transform=ax.transAxes, ha="center", va="center")
+    for order, (name, s) in enumerate((suggestions or {}).items()):
+        color = _COLORS.get(name, "tab:gray")
+        if s.lr is None or s.index is None:
+            ax.plot([], [], " ", label=f"{name}: none")
+            continue
+        ax.axvline(s.lr, color=color, linestyle="--", linewidth=1.0)
+        ax.scatter(
+            [lrs[s.index]],
+            [smoothed[s.index]],
+            s=max(130 - 30 * order, 30),  # later markers smaller: coinciding ones stay visible
+            color=color,
+            zorder=3 + order,
+            label=f"{name}: {s.lr:.3g}",
+        )
+    if state.nonfinite_lr is not None:
+        ax.axvline(
+            state.nonfinite_lr,
+            color="black",
+            linestyle=":",
+            label=f"non-finite loss at {state.nonfinite_lr:.3g}",
+        )
+    if config.mode == "exp":
+        ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss")
+    ax.set_title(_title(config, state), fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=9)
+    return _png(fig)
+
+
+def schedule_png(
+    schedule: Schedule, base_lr: float, steps: int, current_step: int | None = None
+) -> bytes:
+    """The schedule's rate for steps `0 .. steps - 1`, its cycled momentum (beta1) on a
+    second axis when it cycles one, and `current_step` marked when given."""
+    if steps < 1:
+        raise CoreError(f"steps must be >= 1: got {steps}")
+    if current_step is not None and not 0 <= current_step < steps:
+        raise CoreError(f"current_step must be in [0, {steps}): got {current_step}")
+    rates = schedule.lrs(steps, base_lr)
+    momenta = schedule.momenta(steps)
+    t = np.arange(steps)
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    marker = "o" if steps == 1 else None
+    # a rate holds for a whole step: draw steps, not slopes between them
+    ax.plot(
+        t, rates, color="tab:blue", marker=marker, drawstyle="steps-post", label="learning rate"
+    )
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.grid(True, alpha=0.3)
+    if current_step is not None:
+        value = float(rates[current_step])
+        ax.axvline(current_step, color="tab:red", linestyle="--", linewidth=1.0)
+        ax.scatter(
+            [current_step],
+            [value],
+            s=60,
+            color="tab:red",
+            zorder=3,
+            label=f"step {current_step}: lr {value:.4g}",
+        )
+    handles, labels = ax.get_legend_handles_labels()
+    if momenta is not None:
+        ax2 = ax.twinx()
+        ax2.plot(
+            t,
+            momenta,
+            color="tab:orange",
+            linestyle="--",
+            marker=marker,
+            drawstyle="steps-post",
+            label="momentum",
+        )
+        ax2.set_ylabel("momentum / beta1")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, loc="best", fontsize=9)
+    ax.set_title(f"{schedule.name} schedule, base lr {base_lr:g}, {steps} steps", fontsize=10)
+    return _png(fig)
+
+
+__all__ = ["DPI", "FIGSIZE", "lr_finder_png", "schedule_png"]
