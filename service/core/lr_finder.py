@@ -89,7 +89,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from service.core.errors import CoreError, SpecError, StateError
-from service.core.optim.base import interval
+from service.core.validators import interval
 
 #: points pytorch-lr-finder's plot trims at the start and at the end (`skip_start`, `skip_end`)
 SKIP_START = 10

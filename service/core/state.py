@@ -38,6 +38,12 @@ class OptState:
     def step(self) -> int:
         return int(self.scalars.get("step", 0))
 
+    def advance(self) -> int:
+        """Count one more step (`scalars["step"] += 1`) and return the new count."""
+        step = self.step + 1
+        self.scalars["step"] = step
+        return step
+
     def copy(self) -> OptState:
         """A deep copy: new arrays, same scalars."""
         return OptState({k: v.copy() for k, v in self.arrays.items()}, dict(self.scalars))

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
 from service.core.layout import FlatLayout
-from service.core.optim.base import Hyper, Optimizer, interval
+from service.core.optim.base import Hyper, Optimizer
 from service.core.optim.ops import l2_, negate_if
 from service.core.state import OptState
-
-Beta = Annotated[float, interval(0.0, 1.0, hi_open=True)]
-NonNeg = Annotated[float, interval(0.0)]
+from service.core.validators import Beta, NonNeg
 
 
 class AdaBeliefHyper(Hyper):
@@ -89,8 +87,7 @@ class AdaBelief(Optimizer[AdaBeliefHyper]):
         layout: FlatLayout,
     ) -> None:
         beta1, beta2 = hp.betas
-        step = state.step + 1
-        state.scalars["step"] = step
+        step = state.advance()
         grad = negate_if(grads, hp.maximize)
         if hp.weight_decouple:
             if hp.weight_decay != 0:

@@ -7,13 +7,11 @@ from typing import Annotated, ClassVar, Literal
 import numpy as np
 
 from service.core.layout import FlatLayout
-from service.core.optim.base import Hyper, Optimizer, interval
-from service.core.optim.ops import ema_sq_, l2_, negate_if
+from service.core.optim.base import Hyper, Optimizer
+from service.core.optim.ops import descent_grad, ema_sq_
 from service.core.state import OptState
+from service.core.validators import Beta, NonNeg, Positive, interval
 
-Beta = Annotated[float, interval(0.0, 1.0, hi_open=True)]
-NonNeg = Annotated[float, interval(0.0)]
-Positive = Annotated[float, interval(0.0, lo_open=True)]
 Gamma = Annotated[float, interval(0.0, 1.0, lo_open=True, hi_open=True)]
 
 
@@ -98,9 +96,8 @@ class AdaBound(Optimizer[AdaBoundHyper]):
         layout: FlatLayout,
     ) -> None:
         beta1, beta2 = hp.betas
-        step = state.step + 1
-        state.scalars["step"] = step
-        grad = l2_(negate_if(grads, hp.maximize), params, hp.weight_decay)
+        step = state.advance()
+        grad = descent_grad(grads, params, lr, maximize=hp.maximize, weight_decay=hp.weight_decay)
         exp_avg, exp_avg_sq = state.arrays["exp_avg"], state.arrays["exp_avg_sq"]
         exp_avg *= beta1
         exp_avg += (1.0 - beta1) * grad

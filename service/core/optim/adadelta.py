@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
 from service.core.layout import FlatLayout
-from service.core.optim.base import Hyper, Optimizer, interval
-from service.core.optim.ops import ema_sq_, l2_, negate_if
+from service.core.optim.base import Hyper, Optimizer
+from service.core.optim.ops import descent_grad, ema_sq_
 from service.core.state import OptState
-
-NonNeg = Annotated[float, interval(0.0)]
-Rho = Annotated[float, interval(0.0, 1.0)]
+from service.core.validators import NonNeg, UnitInterval
 
 
 class AdadeltaHyper(Hyper):
@@ -20,7 +18,7 @@ class AdadeltaHyper(Hyper):
 
     name: Literal["adadelta"] = "adadelta"
     lr: NonNeg = 1.0
-    rho: Rho = 0.9
+    rho: UnitInterval = 0.9
     eps: NonNeg = 1e-6
     weight_decay: NonNeg = 0.0
     maximize: bool = False
@@ -60,8 +58,8 @@ class Adadelta(Optimizer[AdadeltaHyper]):
         lr: float,
         layout: FlatLayout,
     ) -> None:
-        state.scalars["step"] = state.step + 1
-        grad = l2_(negate_if(grads, hp.maximize), params, hp.weight_decay)
+        state.advance()
+        grad = descent_grad(grads, params, lr, maximize=hp.maximize, weight_decay=hp.weight_decay)
         square_avg, acc_delta = state.arrays["square_avg"], state.arrays["acc_delta"]
         ema_sq_(square_avg, grad, hp.rho)
         std = np.sqrt(square_avg + hp.eps)

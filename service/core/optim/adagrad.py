@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
 from service.core.layout import FlatLayout
-from service.core.optim.base import Hyper, Optimizer, interval
-from service.core.optim.ops import l2_, negate_if
+from service.core.optim.base import Hyper, Optimizer
+from service.core.optim.ops import descent_grad
 from service.core.state import OptState
-
-NonNeg = Annotated[float, interval(0.0)]
+from service.core.validators import NonNeg
 
 
 class AdagradHyper(Hyper):
@@ -65,9 +64,8 @@ class Adagrad(Optimizer[AdagradHyper]):
         lr: float,
         layout: FlatLayout,
     ) -> None:
-        step = state.step + 1
-        state.scalars["step"] = step
-        grad = l2_(negate_if(grads, hp.maximize), params, hp.weight_decay)
+        step = state.advance()
+        grad = descent_grad(grads, params, lr, maximize=hp.maximize, weight_decay=hp.weight_decay)
         clr = lr / (1 + (step - 1) * hp.lr_decay)
         state_sum = state.arrays["sum"]
         state_sum += grad * grad

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
 from service.core.layout import FlatLayout
-from service.core.optim.base import Hyper, Optimizer, interval
-from service.core.optim.ops import l2_, lerp_, negate_if
+from service.core.optim.base import Hyper, Optimizer
+from service.core.optim.ops import descent_grad, lerp_
 from service.core.state import OptState
-
-Beta = Annotated[float, interval(0.0, 1.0, hi_open=True)]
-NonNeg = Annotated[float, interval(0.0)]
+from service.core.validators import Beta, NonNeg
 
 
 class AdamaxHyper(Hyper):
@@ -61,9 +59,8 @@ class Adamax(Optimizer[AdamaxHyper]):
         layout: FlatLayout,
     ) -> None:
         beta1, beta2 = hp.betas
-        step = state.step + 1
-        state.scalars["step"] = step
-        grad = l2_(negate_if(grads, hp.maximize), params, hp.weight_decay)
+        step = state.advance()
+        grad = descent_grad(grads, params, lr, maximize=hp.maximize, weight_decay=hp.weight_decay)
         exp_avg, exp_inf = state.arrays["exp_avg"], state.arrays["exp_inf"]
         lerp_(exp_avg, grad, 1.0 - beta1)
         exp_inf *= beta2

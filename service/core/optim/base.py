@@ -19,51 +19,17 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import numpy as np
-from pydantic import AfterValidator, BaseModel, ConfigDict
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict
 
 from service.core.errors import CoreError, StateError
 from service.core.layout import FlatLayout
 from service.core.state import OptState
+from service.core.validators import interval
+
+__all__ = ["FLOAT_DTYPES", "Hyper", "Impl", "Optimizer", "interval", "kernels_available"]
 
 Impl = Literal["auto", "numpy", "fused"]
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def _fmt(x: float) -> str:
-    return f"{x:g}"
-
-
-def interval(
-    lo: float | None = None,
-    hi: float | None = None,
-    *,
-    lo_open: bool = False,
-    hi_open: bool = False,
-) -> AfterValidator:
-    """A validator that refuses values outside `[lo, hi]` (ends open as asked).
-
-    The message reads like torch's checks but says the rule: `must be in [0, 1): got 1.2`.
-    """
-
-    def check(value: float) -> float:
-        below = lo is not None and (value <= lo if lo_open else value < lo)
-        above = hi is not None and (value >= hi if hi_open else value > hi)
-        if below or above:
-            if lo is not None and hi is not None:
-                rule = (
-                    f"in {'(' if lo_open else '['}{_fmt(lo)}, {_fmt(hi)}{')' if hi_open else ']'}"
-                )
-            elif lo is not None:
-                rule = f"{'>' if lo_open else '>='} {_fmt(lo)}"
-            else:
-                rule = f"{'<' if hi_open else '<='} {_fmt(hi if hi is not None else 0.0)}"
-            raise PydanticCustomError(
-                "out_of_range", "must be {rule}: got {value}", {"rule": rule, "value": value}
-            )
-        return value
-
-    return AfterValidator(check)
 
 
 class Hyper(BaseModel):

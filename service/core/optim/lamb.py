@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
 from service.core.layout import FlatLayout
-from service.core.optim.base import Hyper, Optimizer, interval
+from service.core.optim.base import Hyper, Optimizer
 from service.core.optim.ops import ema_sq_, negate_if
 from service.core.state import OptState
-
-Beta = Annotated[float, interval(0.0, 1.0, hi_open=True)]
-NonNeg = Annotated[float, interval(0.0)]
+from service.core.validators import Beta, NonNeg
 
 
 class LambHyper(Hyper):
@@ -93,8 +91,7 @@ class Lamb(Optimizer[LambHyper]):
         layout: FlatLayout,
     ) -> None:
         beta1, beta2 = hp.betas
-        step = state.step + 1
-        state.scalars["step"] = step
+        step = state.advance()
         grad = negate_if(grads, hp.maximize)
         exp_avg, exp_avg_sq = state.arrays["exp_avg"], state.arrays["exp_avg_sq"]
         exp_avg *= beta1

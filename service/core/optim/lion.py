@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
 from service.core.layout import FlatLayout
-from service.core.optim.base import Hyper, Optimizer, interval
+from service.core.optim.base import Hyper, Optimizer
 from service.core.optim.ops import negate_if
 from service.core.state import OptState
-
-Beta = Annotated[float, interval(0.0, 1.0)]
-NonNeg = Annotated[float, interval(0.0)]
+from service.core.validators import NonNeg, UnitInterval
 
 
 class LionHyper(Hyper):
@@ -20,7 +18,7 @@ class LionHyper(Hyper):
 
     name: Literal["lion"] = "lion"
     lr: NonNeg = 1e-4
-    betas: tuple[Beta, Beta] = (0.9, 0.99)
+    betas: tuple[UnitInterval, UnitInterval] = (0.9, 0.99)
     weight_decay: NonNeg = 0.0
     maximize: bool = False
 
@@ -73,7 +71,7 @@ class Lion(Optimizer[LionHyper]):
         layout: FlatLayout,
     ) -> None:
         beta1, beta2 = hp.betas
-        state.scalars["step"] = state.step + 1
+        state.advance()
         grad = negate_if(grads, hp.maximize)
         exp_avg = state.arrays["exp_avg"]
         if hp.weight_decay != 0:

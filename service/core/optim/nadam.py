@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
 from service.core.layout import FlatLayout
-from service.core.optim.base import Hyper, Optimizer, interval
-from service.core.optim.ops import ema_sq_, l2_, lerp_, negate_if
+from service.core.optim.base import Hyper, Optimizer
+from service.core.optim.ops import descent_grad, ema_sq_, lerp_
 from service.core.state import OptState
-
-Beta = Annotated[float, interval(0.0, 1.0, hi_open=True)]
-NonNeg = Annotated[float, interval(0.0)]
+from service.core.validators import Beta, NonNeg
 
 
 class NAdamHyper(Hyper):
@@ -74,14 +72,16 @@ class NAdam(Optimizer[NAdamHyper]):
         layout: FlatLayout,
     ) -> None:
         beta1, beta2 = hp.betas
-        step = state.step + 1
-        state.scalars["step"] = step
-        grad = negate_if(grads, hp.maximize)
+        step = state.advance()
         bias_correction2 = 1.0 - beta2**step
-        if hp.weight_decay != 0 and hp.decoupled_weight_decay:
-            params *= 1.0 - lr * hp.weight_decay
-        elif hp.weight_decay != 0:
-            grad = l2_(grad, params, hp.weight_decay)
+        grad = descent_grad(
+            grads,
+            params,
+            lr,
+            maximize=hp.maximize,
+            weight_decay=hp.weight_decay,
+            decoupled=hp.decoupled_weight_decay,
+        )
         mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * hp.momentum_decay))
         mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * hp.momentum_decay))
         # torch: a 0-d tensor of the default dtype, `mu_product *= mu` in that dtype

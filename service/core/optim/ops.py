@@ -28,6 +28,28 @@ def ema_sq_(avg_sq: np.ndarray, grad: np.ndarray, decay: float) -> None:
     avg_sq += (1.0 - decay) * grad * grad
 
 
+def descent_grad(
+    grads: np.ndarray,
+    params: np.ndarray,
+    lr: float,
+    *,
+    maximize: bool,
+    weight_decay: float,
+    decoupled: bool = False,
+) -> np.ndarray:
+    """The gradient a step descends along, with weight decay, as torch's optimizers begin.
+
+    `-grads` when maximizing; then, if `weight_decay`: decoupled decay shrinks `params`
+    in place (`p *= 1 - lr * weight_decay`, torch's `param.mul_`) and leaves the gradient
+    alone, otherwise L2 decay adds `weight_decay * p` to it. `grads` is never written.
+    """
+    grad = negate_if(grads, maximize)
+    if weight_decay != 0 and decoupled:
+        params *= 1.0 - lr * weight_decay
+        return grad
+    return l2_(grad, params, weight_decay)
+
+
 def negate_if(grads: np.ndarray, maximize: bool) -> np.ndarray:
     """The gradient to descend: `-grads` when maximizing (a new array; `grads` is untouched)."""
     return -grads if maximize else grads

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
 from service.core.layout import FlatLayout
-from service.core.optim.base import Hyper, Optimizer, interval
-from service.core.optim.ops import ema_sq_, l2_, lerp_, negate_if
+from service.core.optim.base import Hyper, Optimizer
+from service.core.optim.ops import descent_grad, ema_sq_, lerp_
 from service.core.state import OptState
-
-Beta = Annotated[float, interval(0.0, 1.0, hi_open=True)]
-NonNeg = Annotated[float, interval(0.0)]
+from service.core.validators import Beta, NonNeg
 
 
 class RAdamHyper(Hyper):
@@ -70,13 +68,15 @@ class RAdam(Optimizer[RAdamHyper]):
         layout: FlatLayout,
     ) -> None:
         beta1, beta2 = hp.betas
-        step = state.step + 1
-        state.scalars["step"] = step
-        grad = negate_if(grads, hp.maximize)
-        if hp.weight_decay != 0 and hp.decoupled_weight_decay:
-            params *= 1.0 - lr * hp.weight_decay
-        elif hp.weight_decay != 0:
-            grad = l2_(grad, params, hp.weight_decay)
+        step = state.advance()
+        grad = descent_grad(
+            grads,
+            params,
+            lr,
+            maximize=hp.maximize,
+            weight_decay=hp.weight_decay,
+            decoupled=hp.decoupled_weight_decay,
+        )
         exp_avg, exp_avg_sq = state.arrays["exp_avg"], state.arrays["exp_avg_sq"]
         lerp_(exp_avg, grad, 1.0 - beta1)
         ema_sq_(exp_avg_sq, grad, beta2)

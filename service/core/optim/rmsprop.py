@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
 from service.core.layout import FlatLayout
-from service.core.optim.base import Hyper, Optimizer, interval
-from service.core.optim.ops import ema_sq_, l2_, lerp_, negate_if
+from service.core.optim.base import Hyper, Optimizer
+from service.core.optim.ops import descent_grad, ema_sq_, lerp_
 from service.core.state import OptState
-
-NonNeg = Annotated[float, interval(0.0)]
+from service.core.validators import NonNeg
 
 
 class RMSpropHyper(Hyper):
@@ -75,8 +74,8 @@ class RMSprop(Optimizer[RMSpropHyper]):
         lr: float,
         layout: FlatLayout,
     ) -> None:
-        state.scalars["step"] = state.step + 1
-        grad = l2_(negate_if(grads, hp.maximize), params, hp.weight_decay)
+        state.advance()
+        grad = descent_grad(grads, params, lr, maximize=hp.maximize, weight_decay=hp.weight_decay)
         square_avg = state.arrays["square_avg"]
         ema_sq_(square_avg, grad, hp.alpha)
         if hp.centered:

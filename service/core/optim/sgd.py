@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 from pydantic import ValidationInfo, field_validator
@@ -10,11 +10,10 @@ from pydantic_core import PydanticCustomError
 
 from service.core.layout import FlatLayout
 from service.core.optim import kernels
-from service.core.optim.base import Hyper, Optimizer, interval
-from service.core.optim.ops import l2_, negate_if
+from service.core.optim.base import Hyper, Optimizer
+from service.core.optim.ops import descent_grad
 from service.core.state import OptState
-
-NonNeg = Annotated[float, interval(0.0)]
+from service.core.validators import NonNeg
 
 
 class SGDHyper(Hyper):
@@ -76,8 +75,8 @@ class SGD(Optimizer[SGDHyper]):
         lr: float,
         layout: FlatLayout,
     ) -> None:
-        state.scalars["step"] = state.step + 1
-        grad = l2_(negate_if(grads, hp.maximize), params, hp.weight_decay)
+        state.advance()
+        grad = descent_grad(grads, params, lr, maximize=hp.maximize, weight_decay=hp.weight_decay)
         if hp.momentum != 0:
             buf = state.arrays.get("momentum_buffer")
             if buf is None:

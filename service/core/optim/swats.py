@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
 from service.core.errors import StateError
 from service.core.layout import FlatLayout
-from service.core.optim.base import Hyper, Optimizer, interval
-from service.core.optim.ops import ema_sq_, l2_, negate_if
+from service.core.optim.base import Hyper, Optimizer
+from service.core.optim.ops import descent_grad, ema_sq_
 from service.core.state import OptState
-
-Beta = Annotated[float, interval(0.0, 1.0, hi_open=True)]
-NonNeg = Annotated[float, interval(0.0)]
-Positive = Annotated[float, interval(0.0, lo_open=True)]
+from service.core.validators import Beta, NonNeg, Positive
 
 
 class SWATSHyper(Hyper):
@@ -125,10 +122,9 @@ class SWATS(Optimizer[SWATSHyper]):
         layout: FlatLayout,
     ) -> None:
         beta1, beta2 = hp.betas
-        step = state.step + 1
+        step = state.advance()
         scalars = state.scalars
-        scalars["step"] = step
-        grad = l2_(negate_if(grads, hp.maximize), params, hp.weight_decay)
+        grad = descent_grad(grads, params, lr, maximize=hp.maximize, weight_decay=hp.weight_decay)
 
         if scalars.get("switched", False):
             buf = state.arrays.get("momentum_buffer")

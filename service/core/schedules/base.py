@@ -18,21 +18,16 @@ losses advance (`observe`); every other schedule ignores `state`.
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Annotated, ClassVar
+from typing import ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from service.core.errors import ScheduleError
-from service.core.optim.base import interval
+from service.core.validators import PositiveInt, UnitInterval
 
 #: the state of a stateful schedule: plain scalars, serializable like OptState scalars
 ScheduleState = dict[str, float | int | bool]
-
-NonNeg = Annotated[float, interval(0.0)]
-Fraction = Annotated[float, interval(0.0, 1.0)]
-PositiveInt = Annotated[int, Field(ge=1)]
-NonNegInt = Annotated[int, Field(ge=0)]
 
 
 class Warmup(BaseModel):
@@ -41,7 +36,7 @@ class Warmup(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     steps: PositiveInt
-    start_factor: Fraction = 0.0
+    start_factor: UnitInterval = 0.0
 
 
 class Schedule(BaseModel):

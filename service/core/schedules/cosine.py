@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from typing import ClassVar, Literal
 
-from service.core.schedules.base import NonNeg, PositiveInt, Schedule, ScheduleState
+from service.core.schedules.base import Schedule, ScheduleState
+from service.core.validators import NonNeg, PositiveInt
 
 
 class CosineSchedule(Schedule):

@@ -14,15 +14,8 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from service.core.optim.base import interval
-from service.core.schedules.base import (
-    Fraction,
-    NonNeg,
-    NonNegInt,
-    PositiveInt,
-    Schedule,
-    ScheduleState,
-)
+from service.core.schedules.base import Schedule, ScheduleState
+from service.core.validators import NonNeg, NonNegInt, PositiveInt, UnitInterval, interval
 
 #: a momentum or beta1 a schedule may write: torch's Adam needs beta1 in [0, 1)
 Momentum = Annotated[float, interval(0.0, 1.0, hi_open=True)]
@@ -80,7 +73,7 @@ class CyclicSchedule(Schedule):
     step_size_up: PositiveInt = 2000
     step_size_down: NonNegInt | None = None
     mode: CyclicMode = "triangular"
-    gamma: Fraction = 1.0
+    gamma: UnitInterval = 1.0
     scale_mode: ScaleMode | None = Field(default=None, validate_default=True)
     cycle_momentum: bool = True
     base_momentum: Momentum = 0.8
@@ -180,7 +173,7 @@ class OneCycleSchedule(Schedule):
     total_steps: PositiveInt | None = None
     epochs: PositiveInt | None = None
     steps_per_epoch: PositiveInt | None = Field(default=None, validate_default=True)
-    pct_start: Fraction = 0.3
+    pct_start: UnitInterval = 0.3
     anneal_strategy: Literal["cos", "linear"] = "cos"
     cycle_momentum: bool = True
     base_momentum: Momentum = 0.85

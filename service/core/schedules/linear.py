@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
 
-from service.core.optim.base import interval
-from service.core.schedules.base import NonNeg, PositiveInt, Schedule, ScheduleState
+from service.core.schedules.base import Schedule, ScheduleState
+from service.core.validators import NonNeg, PositiveInt, interval
 
 StartFactor = Annotated[float, interval(0.0, 1.0, lo_open=True)]
 EndFactor = Annotated[float, interval(0.0, 1.0)]

@@ -6,8 +6,8 @@ import math
 from typing import Annotated, ClassVar, Literal
 
 from service.core.errors import ScheduleError
-from service.core.optim.base import interval
-from service.core.schedules.base import NonNeg, NonNegInt, Schedule, ScheduleState
+from service.core.schedules.base import Schedule, ScheduleState
+from service.core.validators import NonNeg, NonNegInt, interval
 
 Factor = Annotated[float, interval(0.0, 1.0, hi_open=True)]
 

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from service.core.schedules.base import NonNegInt, Schedule, ScheduleState
+from service.core.schedules.base import Schedule, ScheduleState
+from service.core.validators import NonNegInt
 
 if TYPE_CHECKING:
     from service.core.schedules import ScheduleSpec

@@ -7,8 +7,8 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import field_validator
 
-from service.core.optim.base import interval
-from service.core.schedules.base import NonNeg, NonNegInt, PositiveInt, Schedule, ScheduleState
+from service.core.schedules.base import Schedule, ScheduleState
+from service.core.validators import NonNeg, NonNegInt, PositiveInt, interval
 
 Factor = Annotated[float, interval(0.0, 1.0)]
 

@@ -15,15 +15,8 @@ from typing import Annotated, ClassVar, Literal
 
 import numpy as np
 
-from service.core.optim.base import interval
-from service.core.schedules.base import (
-    Fraction,
-    NonNeg,
-    NonNegInt,
-    PositiveInt,
-    Schedule,
-    ScheduleState,
-)
+from service.core.schedules.base import Schedule, ScheduleState
+from service.core.validators import NonNeg, NonNegInt, PositiveInt, UnitInterval, interval
 
 #: TF's t_mul: each period is t_mul times the previous one (< 1 would run out of periods)
 PeriodFactor = Annotated[float, interval(1.0)]
@@ -46,7 +39,7 @@ class CosineDecaySchedule(Schedule):
 
     name: Literal["cosine_decay"] = "cosine_decay"
     decay_steps: PositiveInt
-    alpha: Fraction = 0.0
+    alpha: UnitInterval = 0.0
     reference: ClassVar[str] = "tf.keras.optimizers.schedules.CosineDecay"
 
     def value(self, t: int, base_lr: float, state: ScheduleState | None) -> float:
@@ -80,8 +73,8 @@ class CosineDecayRestartsSchedule(Schedule):
     name: Literal["cosine_decay_restarts"] = "cosine_decay_restarts"
     first_decay_steps: PositiveInt
     t_mul: PeriodFactor = 2.0
-    m_mul: Fraction = 1.0
-    alpha: Fraction = 0.0
+    m_mul: UnitInterval = 1.0
+    alpha: UnitInterval = 0.0
     reference: ClassVar[str] = "tf.keras.optimizers.schedules.CosineDecayRestarts"
 
     def value(self, t: int, base_lr: float, state: ScheduleState | None) -> float:

@@ -18,8 +18,8 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from service.core.optim.base import interval
-from service.core.schedules.base import NonNeg, NonNegInt, PositiveInt, Schedule, ScheduleState
+from service.core.schedules.base import Schedule, ScheduleState
+from service.core.validators import NonNeg, NonNegInt, PositiveInt, interval
 
 #: a per-period decay factor: 0 (drop to 0) .. 1 (no decay)
 DecayFactor = Annotated[float, interval(0.0, 1.0)]
