@@ -13,5 +13,16 @@ ensure_venv() {
         "$PY" -m venv "$VENV"
     fi
     step "installing optserve[$extras] into $VENV"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[$extras]" >&2
+    local log
+    log=$(mktemp)
+    if ! "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        -e ".[$extras]" >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        echo "installing optserve[$extras] failed" >&2
+        exit 1
+    fi
+    # the machine's pip config may name local index folders that are absent: hide that noise
+    grep -v "^WARNING: Location 'file://" "$log" >&2 || true
+    rm -f "$log"
 }
