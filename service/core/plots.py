@@ -112,7 +112,7 @@ def lr_finder_png(
             s=max(130 - 30 * order, 30),  # later markers smaller: coinciding ones stay visible
             color=color,
             zorder=3 + order,
-            label=f"{name}: {s.lr:.3g}",
+            label=f"{'minimum / 10' if name == 'minimum' else name}: {s.lr:.3g}",
         )
     if state.nonfinite_lr is not None:
         ax.axvline(
