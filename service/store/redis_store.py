@@ -1,0 +1,668 @@
+"""`RedisStore`: sessions in Redis (redis-py asyncio), committed atomically.
+
+The commit mechanism was chosen by measuring (`benchmarks/store_commit.py`: meta plus a
+4 MB params blob and an 8 MB state blob, local Redis 7.0, redis-py 8.1 asyncio,
+hiredis 3.5, Python 3.11, a shared and busy 2-core machine; medians of 30-100 commits
+per case; ranges over five runs):
+
+    mechanism (parser=hiredis, packer=python)   median ms    x plain SETs (same run)
+    WATCH meta / MULTI / HSET + SETs / EXEC      9.6 - 14.0   0.9 - 1.4 (mostly ~1.0)
+    Lua script (EVALSHA) checks version, SETs   28.1 - 33.1   2.5 - 3.2
+    plain pipelined HSET + SETs (not atomic)     9.0 - 13.5   1 (the floor)
+    with the hiredis packer instead              2.0 - 3.2x slower (p90 up to 42 ms)
+    with parser=python instead                   commits: same; 12 MB read ~5 % faster;
+                                                 small replies (HGETALL) 10-35 % slower
+
+So a commit is WATCH/MULTI/EXEC with plain SETs: atomic and version-checked at about
+the cost of the non-atomic floor (the WATCH rides on the round trip that `load()` makes
+anyway). The Lua script costs 2.2-3.2x as much, because the blobs are copied into Lua
+strings and back out. The command packer is redis-py asyncio's own (pure Python): it
+hands large values to the socket as separate buffers, where `hiredis.pack_command`
+copies every command, blobs included, into one new bytes object (2-3x slower and
+erratic). The reply parser stays hiredis (redis-py's default): a tie on large values,
+faster on the many small replies. (`parser=` and `packer=` choose otherwise.)
+
+Layout (key names in `service.store.keys`; every key of a session carries the hash tag
+`{<id>}`, so a commit touches one Cluster slot):
+
+- `meta`, a hash: `json` (the `SessionMeta` JSON), `version`, `ttl` (the idle ttl the
+  session was created with, -1: never), and for each blob its size and chunk count
+  (`pb`/`pn` for params, `sb`/`sn` for state). Readers take the chunk counts from it.
+- `params:<i>`, `state:<i>`: the blobs cut into chunks of at most `chunk_bytes`, so no
+  value ever exceeds it (Redis refuses values over 512 MB, and big values stall it).
+  A commit that shrinks a blob deletes the surplus chunks in the same MULTI.
+- `idem:<key>` (the record, its own ttl), `idem:<key>:lock` (the in-flight claim, its
+  own ttl) and `idems`, a sorted set of the recorded keys that `delete` uses.
+- `<prefix>:sessions`, outside any session's slot: ids scored by their last known expiry,
+  for `count_sessions` (below).
+
+Transactions: `transaction(sid)` takes a dedicated connection from the pool for its whole
+life. `load()` sends WATCH meta + HGETALL meta in one round trip and, unless the caller's
+cached version is current, GETs every chunk plus HGETALL meta again in a second; if meta
+changed in between (a commit slipped in), it watches and reads again, so the blobs it
+hands out are always those of the meta it hands out. `commit()` sends MULTI, HSET meta
+(version + 1, chunk counts), SET of every chunk, DEL of surplus chunks, the idempotency
+record (SET ... EX idempotency_ttl) and the DEL of its claim, the expiries, EXEC, in one
+write: EXEC answers nil if meta was touched since the WATCH (commit returns False,
+nothing was written), and otherwise applies everything at once. A process that dies
+before EXEC reaches Redis leaves the old version whole (Redis discards a MULTI whose
+connection closes). A connection lost after EXEC was sent leaves the outcome unknown:
+that is `StoreUnavailable`, never False (False would make the caller recompute and
+possibly apply the gradient twice; with StoreUnavailable the client retries with its
+Idempotency-Key and gets the recorded answer if the commit did land).
+
+Expiry: every key of a session (meta, chunks) is given the session's idle ttl on use:
+by the commit's MULTI, by `get_meta(ttl=...)`, and at the end of a transaction that
+loaded the session but did not commit (EXPIRE in a MULTI; a transaction with
+`ttl=None` uses the ttl the session was created with). Idempotency records and claims
+keep their own ttl. Use `maxmemory-policy noeviction`: an evicted chunk would damage a
+session (it is reported as an error, never served).
+
+Counting: `<prefix>:sessions` holds every id created (scored "check me now") until
+`delete` removes it. `count_sessions` (for /metrics) checks only the ids whose score is
+in the past: PTTL of their meta tells whether they still exist (ZREM if not) and until
+when (the new score). An active session is checked about once per ttl, so a call costs
+O(log n) plus the few sessions that expired or were refreshed since; never a SCAN.
+
+Errors: `redis.exceptions.ConnectionError`/`TimeoutError`, `OSError` and asyncio timeouts
+become `StoreUnavailable`; the failed connection is dropped and the pool opens a fresh
+one on the next call, so the store recovers by itself when Redis comes back. Socket
+timeouts grow with the bytes of an operation (`socket_timeout` plus the time to move
+them at `min_throughput`), so a slow link does not time out a large commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any, Literal
+
+import hiredis
+import redis.asyncio as aioredis
+from redis._parsers import _AsyncHiredisParser, _AsyncRESP3Parser
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.maint_notifications import MaintNotificationsConfig
+
+from service.store.base import (
+    IdempotencyRecord,
+    SessionBlobs,
+    SessionMeta,
+    SessionTx,
+    StoreUnavailable,
+)
+from service.store.keys import DEFAULT_PREFIX, Keys
+
+if TYPE_CHECKING:
+    from service.store.base import StateStore
+
+MiB = 1 << 20
+#: idempotency records are kept this long when `commit` is given no ttl (seconds)
+DEFAULT_IDEMPOTENCY_TTL = 24 * 3600
+#: how often `load`/`read` read again when a commit keeps slipping in between
+MAX_READ_ATTEMPTS = 100
+
+Command = tuple[Any, ...]
+Parser = Literal["hiredis", "python"]
+Packer = Literal["python", "hiredis"]
+
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
+
+
+class HiredisPackerConnection(aioredis.Connection):
+    """An asyncio connection that packs commands with `hiredis.pack_command` (the sync
+    client's default packer; it copies every command into one new bytes object)."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str):
+            args = tuple(args[0].encode().split()) + args[1:]
+        encoded = tuple(self.encoder.encode(a) for a in args)  # type: ignore[no-untyped-call]
+        return [hiredis.pack_command(encoded)]
+
+
+class DamagedSession(RuntimeError):
+    """A session's meta names a chunk that is missing or of the wrong size (evicted?)."""
+
+
+async def exchange(
+    conn: aioredis.Connection, commands: Sequence[Command], timeout: float | None = None
+) -> list[Any]:
+    """Send `commands` in one write and read every reply, in order.
+
+    Error replies are returned as `ResponseError` objects, not raised. Anything else that
+    goes wrong (connection lost, timeout, cancellation) drops the connection, so it never
+    returns to the pool with replies unread. `timeout`: seconds allowed for the write and
+    for each reply (default: the connection's socket timeout).
+    """
+    saved = conn.socket_timeout
+    if timeout is not None:
+        conn.socket_timeout = timeout
+    try:
+        await conn.send_packed_command(conn.pack_commands(commands))
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(await conn.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+        return replies
+    except BaseException:
+        await conn.disconnect(nowait=True)
+        raise
+    finally:
+        conn.socket_timeout = saved
+
+
+def _check(replies: list[Any]) -> list[Any]:
+    for reply in replies:
+        if isinstance(reply, ResponseError):
+            raise reply
+    return replies
+
+
+def _int(value: Any, default: int = 0) -> int:
+    return default if value is None else int(value)
+
+
+def _field(meta: dict[Any, Any], name: str) -> Any:
+    return meta.get(name.encode())
+
+
+def _chunks(blob: bytes, chunk_bytes: int) -> list[memoryview]:
+    view = memoryview(blob)
+    return [view[i : i + chunk_bytes] for i in range(0, len(view), chunk_bytes)]
+
+
+class _Stored:
+    """What the meta hash says about a session."""
+
+    __slots__ = ("meta_json", "pb", "pn", "raw", "sb", "sn", "ttl", "version")
+
+    def __init__(self, raw: dict[Any, Any]) -> None:
+        self.raw = raw
+        self.meta_json: bytes = _field(raw, "json")
+        self.version = _int(_field(raw, "version"))
+        ttl = _int(_field(raw, "ttl"), -1)
+        self.ttl: int | None = None if ttl < 0 else ttl
+        self.pb = _int(_field(raw, "pb"))
+        self.pn = _int(_field(raw, "pn"))
+        self.sb = _int(_field(raw, "sb"))
+        self.sn = _int(_field(raw, "sn"))
+
+    def meta(self) -> SessionMeta:
+        return SessionMeta.from_json(self.meta_json)
+
+
+class _RedisTx:
+    """One version-checked update of one session (see `SessionTx`), on its own connection."""
+
+    def __init__(self, store: RedisStore, session_id: str, ttl: int | None) -> None:
+        self._store = store
+        self._sid = session_id
+        self._ttl = ttl
+        self._conn: aioredis.Connection | None = None
+        self._watching = False
+        self._loaded = False
+        self._stored: _Stored | None = None
+        self._done = False
+
+    async def load(
+        self, have_version: int | None = None
+    ) -> tuple[SessionMeta, SessionBlobs | None] | None:
+        if self._done:
+            raise RuntimeError("this transaction is over; open a new one")
+        store = self._store
+        with store._unavailable():
+            if self._conn is None:
+                self._conn = await store._get_connection()
+            conn = self._conn
+            meta_key = store._keys.meta(self._sid)
+            for _ in range(MAX_READ_ATTEMPTS):
+                replies = _check(await exchange(conn, [("WATCH", meta_key), ("HGETALL", meta_key)]))
+                self._watching = True
+                self._loaded = True
+                raw = replies[1]
+                if not raw:
+                    self._stored = None
+                    return None
+                stored = self._stored = _Stored(raw)
+                if have_version is not None and have_version == stored.version:
+                    return stored.meta(), None
+                blobs = await store._read_blobs(conn, self._sid, stored)
+                if blobs is not None:
+                    return stored.meta(), blobs
+                await exchange(conn, [("UNWATCH",)])
+                self._watching = False
+            raise StoreUnavailable(f"session {self._sid} kept changing while being read")
+
+    async def commit(
+        self,
+        meta: SessionMeta,
+        blobs: SessionBlobs | None,
+        idempotency: IdempotencyRecord | None = None,
+        idempotency_ttl: int | None = None,
+    ) -> bool:
+        if self._done:
+            raise RuntimeError("this transaction is over; open a new one")
+        if not self._loaded:
+            raise RuntimeError("commit() before load()")
+        stored = self._stored
+        if stored is None:
+            raise RuntimeError("commit() on a session that load() did not find")
+        if meta.id != self._sid:
+            raise ValueError(f"meta.id {meta.id!r} is not this transaction's session")
+        if meta.version != stored.version + 1:
+            raise ValueError(
+                f"meta.version must be the loaded version + 1 ({stored.version + 1}),"
+                f" not {meta.version}"
+            )
+        self._done = True
+        store = self._store
+        conn = self._conn
+        assert conn is not None
+        commands, nbytes = store._commit_commands(
+            self._sid, stored, meta, blobs, idempotency, idempotency_ttl, self._ttl
+        )
+        with store._unavailable():
+            replies = await exchange(
+                conn, [("MULTI",), *commands, ("EXEC",)], store._timeout(nbytes)
+            )
+        self._watching = False
+        _check(replies[:-1])
+        result = replies[-1]
+        if result is None:
+            return False
+        if isinstance(result, ResponseError):
+            raise result
+        _check(result)
+        return True
+
+    async def _finish(self, failed: bool) -> None:
+        """Give the connection back: refresh the expiry of a session loaded but not
+        committed, unwatch; on an exception (or any trouble here) drop the connection."""
+        conn, self._conn = self._conn, None
+        self._done = True
+        if conn is None:
+            return
+        store = self._store
+        try:
+            if failed:
+                await conn.disconnect(nowait=True)
+            elif self._watching:
+                commands: list[Command] = [("UNWATCH",)]
+                stored = self._stored
+                if stored is not None:
+                    ttl = stored.ttl if self._ttl is None else self._ttl
+                    if ttl is not None:
+                        touch = store._touch_commands(self._sid, stored, ttl)
+                        commands += [("MULTI",), *touch, ("EXEC",)]
+                await exchange(conn, commands)
+        except Exception:
+            await conn.disconnect(nowait=True)
+        finally:
+            await store._pool.release(conn)
+
+
+class RedisStore:
+    """Sessions in Redis (see the module docstring).
+
+    `url`: redis://[user:password@]host:port/db (or rediss://, unix://). `chunk_bytes`:
+    largest value written (blobs are cut into chunks of it). `key_prefix`: start of every
+    key (tests use a private one). `socket_timeout`: seconds allowed for a small
+    operation; large ones get `nbytes / min_throughput` more. `health_check_interval`:
+    a pooled connection idle that long is PINGed before use. `parser`/`packer`: the
+    client's RESP reply parser and command packer (the defaults are the measured
+    fastest, see the module docstring).
+    """
+
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        chunk_bytes: int = 64 * MiB,
+        key_prefix: str = DEFAULT_PREFIX,
+        idempotency_ttl: int = DEFAULT_IDEMPOTENCY_TTL,
+        socket_timeout: float = 5.0,
+        socket_connect_timeout: float = 2.0,
+        min_throughput: float = 50e6,
+        health_check_interval: float = 30.0,
+        max_connections: int | None = None,
+        parser: Parser = "hiredis",
+        packer: Packer = "python",
+    ) -> None:
+        if chunk_bytes < 1:
+            raise ValueError("chunk_bytes must be positive")
+        self._url = url
+        self._chunk_bytes = chunk_bytes
+        self._keys = Keys(key_prefix)
+        self._default_idempotency_ttl = idempotency_ttl
+        self._socket_timeout = socket_timeout
+        self._min_throughput = min_throughput
+        kwargs: dict[str, Any] = {
+            "connection_class": (
+                HiredisPackerConnection if packer == "hiredis" else aioredis.Connection
+            ),
+            "parser_class": _AsyncHiredisParser if parser == "hiredis" else _AsyncRESP3Parser,
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": socket_connect_timeout,
+            "socket_keepalive": True,
+            "health_check_interval": health_check_interval,
+            # No retries inside redis-py: an unreachable Redis is reported at once (the
+            # API answers 503 with Retry-After), and a lost EXEC is never re-sent.
+            "retry": Retry(NoBackoff(), 0),
+            "client_name": "optserve",
+            # Off (they are for Redis Enterprise/Cloud): when on, and with redis-py's
+            # default "auto" they count as on, the pool stops checking a pooled
+            # connection for EOF before handing it out, so connections that were open
+            # when Redis restarted would fail once each instead of being replaced.
+            "maint_notifications_config": MaintNotificationsConfig(enabled=False),
+        }
+        if max_connections is not None:
+            kwargs["max_connections"] = max_connections
+        self._pool: aioredis.ConnectionPool = aioredis.ConnectionPool.from_url(url, **kwargs)
+
+    @property
+    def keys(self) -> Keys:
+        return self._keys
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await self.ping()
+
+    async def close(self) -> None:
+        await self._pool.aclose()
+
+    async def ping(self) -> None:
+        await self._run([("PING",)])
+
+    # -- sessions --------------------------------------------------------------------
+
+    async def create(self, meta: SessionMeta, blobs: SessionBlobs, ttl: int | None) -> None:
+        sid = meta.id
+        keys = self._keys
+        commands: list[Command] = [
+            # "check me at the next count": robust whatever happens to the MULTI
+            ("ZADD", keys.sessions(), time.time(), sid),
+            ("MULTI",),
+            ("DEL", keys.meta(sid)),
+        ]
+        body, nbytes = self._write_commands(sid, meta, blobs, None, ttl, ttl)
+        commands += body
+        commands.append(("EXEC",))
+        replies = await self._run(commands, self._timeout(nbytes))
+        if not isinstance(replies[-1], list):
+            raise RuntimeError(f"create of session {sid} failed: {replies[-1]!r}")
+        _check(replies[-1])
+
+    async def get_meta(self, session_id: str, ttl: int | None = None) -> SessionMeta | None:
+        with self._unavailable():
+            conn = await self._get_connection()
+            try:
+                (raw,) = _check(await exchange(conn, [("HGETALL", self._keys.meta(session_id))]))
+                if not raw:
+                    return None
+                stored = _Stored(raw)
+                if ttl is not None:
+                    touch = self._touch_commands(session_id, stored, ttl)
+                    _check(await exchange(conn, [("MULTI",), *touch, ("EXEC",)]))
+                return stored.meta()
+            finally:
+                await self._pool.release(conn)
+
+    async def read(self, session_id: str) -> tuple[SessionMeta, SessionBlobs] | None:
+        meta_key = self._keys.meta(session_id)
+        with self._unavailable():
+            conn = await self._get_connection()
+            try:
+                for _ in range(MAX_READ_ATTEMPTS):
+                    (raw,) = _check(await exchange(conn, [("HGETALL", meta_key)]))
+                    if not raw:
+                        return None
+                    stored = _Stored(raw)
+                    blobs = await self._read_blobs(conn, session_id, stored)
+                    if blobs is not None:
+                        return stored.meta(), blobs
+            finally:
+                await self._pool.release(conn)
+        raise StoreUnavailable(f"session {session_id} kept changing while being read")
+
+    @asynccontextmanager
+    async def _transaction(self, session_id: str, ttl: int | None) -> AsyncIterator[SessionTx]:
+        tx = _RedisTx(self, session_id, ttl)
+        try:
+            yield tx
+        except BaseException:
+            await tx._finish(failed=True)
+            raise
+        else:
+            await tx._finish(failed=False)
+
+    def transaction(
+        self, session_id: str, ttl: int | None = None
+    ) -> AbstractAsyncContextManager[SessionTx]:
+        """A version-checked update of `session_id` on a dedicated connection.
+
+        `ttl`: idle expiry to refresh the session with (None: the ttl it was created
+        with)."""
+        return self._transaction(session_id, ttl)
+
+    async def delete(self, session_id: str) -> bool:
+        keys = self._keys
+        meta_key = keys.meta(session_id)
+        index_key = keys.idem_index(session_id)
+        with self._unavailable():
+            conn = await self._get_connection()
+            try:
+                for _ in range(MAX_READ_ATTEMPTS):
+                    replies = _check(
+                        await exchange(
+                            conn,
+                            [
+                                ("WATCH", meta_key, index_key),
+                                ("HGETALL", meta_key),
+                                ("ZRANGE", index_key, 0, -1),
+                            ],
+                        )
+                    )
+                    raw, idem_keys = replies[1], replies[2]
+                    doomed = [meta_key, index_key]
+                    if raw:
+                        stored = _Stored(raw)
+                        doomed += [keys.params(session_id, i) for i in range(stored.pn)]
+                        doomed += [keys.state(session_id, i) for i in range(stored.sn)]
+                    doomed += [keys.idem(session_id, k.decode()) for k in idem_keys]
+                    replies = await exchange(conn, [("MULTI",), ("DEL", *doomed), ("EXEC",)])
+                    if replies[2] is not None:
+                        _check(replies)
+                        _check(await exchange(conn, [("ZREM", keys.sessions(), session_id)]))
+                        return bool(raw)
+            finally:
+                await self._pool.release(conn)
+        raise StoreUnavailable(f"session {session_id} kept changing while being deleted")
+
+    async def count_sessions(self) -> int:
+        index = self._keys.sessions()
+        now = time.time()
+        for _ in range(100):
+            (due,) = await self._run([("ZRANGE", index, "-inf", now, "BYSCORE", "LIMIT", 0, 1000)])
+            if not due:
+                break
+            sids = [d.decode() for d in due]
+            ttls = await self._run([("PTTL", self._keys.meta(sid)) for sid in sids])
+            fixes: list[Command] = []
+            for sid, pttl in zip(sids, ttls, strict=True):
+                if pttl == -2:
+                    fixes.append(("ZREM", index, sid))
+                else:
+                    score: Any = "+inf" if pttl == -1 else now + pttl / 1000.0
+                    fixes.append(("ZADD", index, "XX", score, sid))
+            await self._run(fixes)
+        (count,) = await self._run([("ZCARD", index)])
+        return int(count)
+
+    # -- idempotency -----------------------------------------------------------------
+
+    async def get_idempotency(self, session_id: str, key: str) -> IdempotencyRecord | None:
+        (data,) = await self._run([("GET", self._keys.idem(session_id, key))])
+        return None if data is None else IdempotencyRecord.from_bytes(data)
+
+    async def claim_idempotency(self, session_id: str, key: str, ttl: int) -> bool:
+        (ok,) = await self._run(
+            [("SET", self._keys.idem_lock(session_id, key), b"1", "NX", "EX", ttl)]
+        )
+        return ok is not None
+
+    async def release_idempotency(self, session_id: str, key: str) -> None:
+        await self._run([("DEL", self._keys.idem_lock(session_id, key))])
+
+    # -- internals -------------------------------------------------------------------
+
+    def _unavailable(self) -> _Unavailable:
+        return _Unavailable(self._url)
+
+    async def _get_connection(self) -> aioredis.Connection:
+        conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+        assert isinstance(conn, aioredis.Connection)
+        return conn
+
+    async def _run(self, commands: Sequence[Command], timeout: float | None = None) -> list[Any]:
+        """`commands` on a pooled connection, one round trip; error replies raise."""
+        with self._unavailable():
+            conn = await self._get_connection()
+            try:
+                return _check(await exchange(conn, commands, timeout))
+            finally:
+                await self._pool.release(conn)
+
+    def _timeout(self, nbytes: int) -> float:
+        return self._socket_timeout + nbytes / self._min_throughput
+
+    async def _read_blobs(
+        self, conn: aioredis.Connection, session_id: str, stored: _Stored
+    ) -> SessionBlobs | None:
+        """The blobs `stored` describes, or None if meta changed meanwhile (read again)."""
+        keys = self._keys
+        gets: list[Command] = [("GET", keys.params(session_id, i)) for i in range(stored.pn)]
+        gets += [("GET", keys.state(session_id, i)) for i in range(stored.sn)]
+        replies = _check(
+            await exchange(
+                conn,
+                [*gets, ("HGETALL", keys.meta(session_id))],
+                self._timeout(stored.pb + stored.sb),
+            )
+        )
+        if replies[-1] != stored.raw:
+            return None
+        parts = replies[:-1]
+        if any(p is None for p in parts):
+            raise DamagedSession(f"session {session_id}: a chunk is missing (evicted?)")
+        params = b"".join(parts[: stored.pn])
+        state = b"".join(parts[stored.pn :])
+        if len(params) != stored.pb or len(state) != stored.sb:
+            raise DamagedSession(f"session {session_id}: chunks do not add up to the blobs")
+        return SessionBlobs(params, state)
+
+    def _write_commands(
+        self,
+        sid: str,
+        meta: SessionMeta,
+        blobs: SessionBlobs | None,
+        stored: _Stored | None,
+        ttl: int | None,
+        created_ttl: int | None,
+    ) -> tuple[list[Command], int]:
+        """Commands (for inside a MULTI) that write `meta` and `blobs` (None: keep the
+        stored ones), all keys expiring after `ttl` (None: never); and their bytes."""
+        keys = self._keys
+        meta_key = keys.meta(sid)
+        commands: list[Command] = []
+        nbytes = 0
+        fields: list[Any] = ["json", meta.to_json(), "version", meta.version]
+        if created_ttl is not None or stored is None:
+            fields += ["ttl", -1 if created_ttl is None else created_ttl]
+        ex: tuple[Any, ...] = () if ttl is None else ("EX", ttl)
+        if blobs is not None:
+            for kind, blob, key, old_n in (
+                ("p", blobs.params, keys.params, 0 if stored is None else stored.pn),
+                ("s", blobs.state, keys.state, 0 if stored is None else stored.sn),
+            ):
+                parts = _chunks(blob, self._chunk_bytes)
+                fields += [kind + "b", len(blob), kind + "n", len(parts)]
+                commands += [("SET", key(sid, i), part, *ex) for i, part in enumerate(parts)]
+                if old_n > len(parts):
+                    commands.append(("DEL", *(key(sid, i) for i in range(len(parts), old_n))))
+                nbytes += len(blob)
+        elif stored is not None:
+            commands += self._expire_chunks(sid, stored, ttl)
+        commands.insert(0, ("HSET", meta_key, *fields))
+        commands.insert(1, ("EXPIRE", meta_key, ttl) if ttl is not None else ("PERSIST", meta_key))
+        return commands, nbytes + len(fields[1])
+
+    def _expire_chunks(self, sid: str, stored: _Stored, ttl: int | None) -> list[Command]:
+        keys = self._keys
+        chunk_keys = [keys.params(sid, i) for i in range(stored.pn)]
+        chunk_keys += [keys.state(sid, i) for i in range(stored.sn)]
+        if ttl is None:
+            return [("PERSIST", k) for k in chunk_keys]
+        return [("EXPIRE", k, ttl) for k in chunk_keys]
+
+    def _touch_commands(self, sid: str, stored: _Stored, ttl: int) -> list[Command]:
+        return [("EXPIRE", self._keys.meta(sid), ttl), *self._expire_chunks(sid, stored, ttl)]
+
+    def _commit_commands(
+        self,
+        sid: str,
+        stored: _Stored,
+        meta: SessionMeta,
+        blobs: SessionBlobs | None,
+        idempotency: IdempotencyRecord | None,
+        idempotency_ttl: int | None,
+        ttl: int | None,
+    ) -> tuple[list[Command], int]:
+        effective_ttl = stored.ttl if ttl is None else ttl
+        commands, nbytes = self._write_commands(sid, meta, blobs, stored, effective_ttl, None)
+        if idempotency is not None:
+            keys = self._keys
+            idem_ttl = self._default_idempotency_ttl if idempotency_ttl is None else idempotency_ttl
+            record = idempotency.to_bytes()
+            now = time.time()
+            index = keys.idem_index(sid)
+            commands += [
+                ("SET", keys.idem(sid, idempotency.key), record, "EX", idem_ttl),
+                ("DEL", keys.idem_lock(sid, idempotency.key)),
+                ("ZADD", index, now + idem_ttl, idempotency.key),
+                ("ZREMRANGEBYSCORE", index, "-inf", now),
+                ("EXPIRE", index, idem_ttl),
+            ]
+            nbytes += len(record)
+        return commands, nbytes
+
+
+class _Unavailable:
+    """Context manager: connection trouble becomes `StoreUnavailable`."""
+
+    __slots__ = ("_url",)
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
+        if exc is not None and isinstance(exc, _UNAVAILABLE):
+            raise StoreUnavailable(f"Redis unreachable: {exc}") from exc
+
+
+if TYPE_CHECKING:
+    _check_protocol: StateStore = RedisStore("redis://")

@@ -1,0 +1,170 @@
+"""Fixtures of the store tests: both stores behind one parametrized `store` fixture.
+
+The Redis store runs against the Redis at `OPTSERVE_TEST_REDIS_URL` (default
+redis://127.0.0.1:6379/0) under a key prefix private to each test, whose keys are
+deleted afterwards; its tests are skipped, saying why, when that Redis does not answer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import pytest
+import pytest_asyncio
+import redis
+import redis.asyncio as aioredis
+
+from service.store.memory import MemoryStore
+from service.store.redis_store import RedisStore
+
+REDIS_URL = os.environ.get("OPTSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+#: chunk size of the stores under test: small, so that 1 MB blobs take many chunks
+CHUNK = 64 * 1024
+
+Store = MemoryStore | RedisStore
+
+
+def _redis_answers(url: str) -> str | None:
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping()
+    except Exception as exc:
+        return f"no Redis at {url}: {exc}"
+    return None
+
+
+_REDIS_DOWN = _redis_answers(REDIS_URL)
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A key prefix private to this test."""
+    return f"optserve-test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def redis_keys(prefix: str) -> Iterator[redis.Redis]:
+    """A plain sync client of the test Redis (skipped if it does not answer); deletes the
+    test's keys at the end."""
+    if _REDIS_DOWN:
+        pytest.skip(_REDIS_DOWN)
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        yield client
+    finally:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+@pytest_asyncio.fixture
+async def raw_redis(redis_keys: redis.Redis) -> AsyncIterator[aioredis.Redis]:
+    """A plain asyncio client of the test Redis."""
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest_asyncio.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest, prefix: str) -> AsyncIterator[Store]:
+    """Each store under test, open; the Redis one under the test's private prefix."""
+    s: Store
+    if request.param == "memory":
+        s = MemoryStore()
+    else:
+        request.getfixturevalue("redis_keys")
+        s = RedisStore(REDIS_URL, chunk_bytes=CHUNK, key_prefix=prefix)
+    await s.open()
+    try:
+        yield s
+        if isinstance(s, RedisStore):
+            assert not s._pool._in_use_connections, "a connection was not given back"
+    finally:
+        await s.close()
+
+
+@pytest_asyncio.fixture
+async def redis_store(prefix: str, redis_keys: redis.Redis) -> AsyncIterator[RedisStore]:
+    """The Redis store alone (for tests that look at Redis' keys)."""
+    s = RedisStore(REDIS_URL, chunk_bytes=CHUNK, key_prefix=prefix)
+    await s.open()
+    try:
+        yield s
+        assert not s._pool._in_use_connections, "a connection was not given back"
+    finally:
+        await s.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class PrivateRedis:
+    """A redis-server of this test alone, on `port`; `stop()`/`start()` it at will."""
+
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        assert self.proc is None
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis(port=self.port, socket_connect_timeout=0.2).ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"redis-server on port {self.port} did not start") from None
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    """A private redis-server (skipped when `redis-server` is not installed)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    server = PrivateRedis(free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

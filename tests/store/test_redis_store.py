@@ -1,0 +1,274 @@
+"""What only the Redis store has: its keys, chunking, atomicity against a killed
+process, and outages of the Redis server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from redis.crc import key_slot
+
+from service.store.base import SessionBlobs, StoreUnavailable
+from service.store.redis_store import DamagedSession, RedisStore
+from tests.store.conftest import CHUNK, REDIS_URL, PrivateRedis
+from tests.store.test_contract import commit_next, make_blobs, make_meta, record
+
+pytestmark = pytest.mark.asyncio
+
+ROOT = Path(__file__).resolve().parents[2]
+MB = 1_000_000
+
+
+async def session_keys(raw: aioredis.Redis, store: RedisStore, sid: str) -> list[bytes]:
+    pattern = store.keys.session(sid).replace("{", "\\{").replace("}", "\\}") + "*"
+    return sorted([k async for k in raw.scan_iter(match=pattern, count=1000)])
+
+
+async def snapshot(raw: aioredis.Redis, store: RedisStore, sid: str) -> dict[bytes, Any]:
+    """Every key of the session and its value."""
+    out: dict[bytes, Any] = {}
+    for key in await session_keys(raw, store, sid):
+        kind = await raw.type(key)
+        if kind == b"string":
+            out[key] = await raw.get(key)
+        elif kind == b"hash":
+            out[key] = await raw.hgetall(key)
+        elif kind == b"zset":
+            out[key] = await raw.zrange(key, 0, -1, withscores=True)
+        else:
+            raise AssertionError(f"unexpected {kind!r} at {key!r}")
+    return out
+
+
+async def test_no_value_exceeds_chunk_bytes(
+    redis_store: RedisStore, raw_redis: aioredis.Redis
+) -> None:
+    sid = "big"
+    blobs = make_blobs(MB, 3 * MB // 2)
+    await redis_store.create(make_meta(sid), blobs, ttl=60)
+    await commit_next(redis_store, sid, blobs, idem=record("k"), idem_ttl=60)
+    keys = await session_keys(raw_redis, redis_store, sid)
+    n_params = -(-MB // CHUNK)
+    n_state = -(-(3 * MB // 2) // CHUNK)
+    assert len([k for k in keys if b":params:" in k]) == n_params
+    assert len([k for k in keys if b":state:" in k]) == n_state
+    for key in keys:
+        kind = await raw_redis.type(key)
+        if kind == b"string":
+            assert await raw_redis.strlen(key) <= CHUNK, key
+        elif kind == b"hash":
+            for name in await raw_redis.hkeys(key):
+                assert await raw_redis.hstrlen(key, name) <= CHUNK, (key, name)
+    # one slot for all of them: a commit works on a cluster
+    assert len({key_slot(k) for k in keys}) == 1
+
+
+async def test_shrinking_blobs_delete_surplus_chunks(
+    redis_store: RedisStore, raw_redis: aioredis.Redis
+) -> None:
+    sid = "shrink"
+    await redis_store.create(make_meta(sid), make_blobs(MB, MB), ttl=60)
+    small = make_blobs(CHUNK + 1, 10)
+    await commit_next(redis_store, sid, small)
+    keys = await session_keys(raw_redis, redis_store, sid)
+    assert len([k for k in keys if b":params:" in k]) == 2
+    assert len([k for k in keys if b":state:" in k]) == 1
+    assert await redis_store.read(sid) == (make_meta(sid, 1), small)
+
+
+async def test_every_key_expires_with_the_session(
+    redis_store: RedisStore, raw_redis: aioredis.Redis
+) -> None:
+    sid = "ttl"
+    await redis_store.create(make_meta(sid), make_blobs(3 * CHUNK, CHUNK), ttl=100)
+    await commit_next(redis_store, sid, None, ttl=200, idem=record("k"), idem_ttl=5000)
+    assert await redis_store.claim_idempotency(sid, "c", ttl=30)
+    for key in await session_keys(raw_redis, redis_store, sid):
+        ttl = await raw_redis.ttl(key)
+        if key.endswith(b":lock"):
+            assert 25 < ttl <= 30, key
+        elif b":idem" in key:
+            assert 4990 < ttl <= 5000, key
+        else:
+            assert 190 < ttl <= 200, key
+    # ttl=None at creation: nothing expires
+    await redis_store.create(make_meta("forever"), make_blobs(3 * CHUNK, CHUNK), ttl=None)
+    await commit_next(redis_store, "forever", make_blobs(2 * CHUNK, CHUNK))
+    for key in await session_keys(raw_redis, redis_store, "forever"):
+        assert await raw_redis.ttl(key) == -1, key
+
+
+async def test_delete_removes_every_key(redis_store: RedisStore, raw_redis: aioredis.Redis) -> None:
+    sid = "gone"
+    await redis_store.create(make_meta(sid), make_blobs(MB, MB), ttl=60)
+    for i in range(3):
+        await commit_next(redis_store, sid, None, idem=record(f"k{i}"), idem_ttl=60)
+    assert await session_keys(raw_redis, redis_store, sid)
+    assert await redis_store.delete(sid)
+    assert await session_keys(raw_redis, redis_store, sid) == []
+    assert await raw_redis.zcard(redis_store.keys.sessions()) == 0
+
+
+async def test_an_evicted_chunk_is_reported_not_served(
+    redis_store: RedisStore, raw_redis: aioredis.Redis
+) -> None:
+    sid = "damaged"
+    await redis_store.create(make_meta(sid), make_blobs(3 * CHUNK, CHUNK), ttl=60)
+    await raw_redis.delete(redis_store.keys.params(sid, 1))
+    with pytest.raises(DamagedSession):
+        await redis_store.read(sid)
+    with pytest.raises(DamagedSession):
+        async with redis_store.transaction(sid) as tx:
+            await tx.load()
+    assert await redis_store.get_meta(sid) is not None
+
+
+async def test_count_sessions_follows_expiry_and_refresh(redis_store: RedisStore) -> None:
+    await redis_store.create(make_meta("a"), make_blobs(), ttl=1)
+    await redis_store.create(make_meta("b"), make_blobs(), ttl=1)
+    await redis_store.create(make_meta("c"), make_blobs(), ttl=None)
+    assert await redis_store.count_sessions() == 3
+    await asyncio.sleep(0.6)
+    await commit_next(redis_store, "b", None, ttl=2)  # b now lives until ~2.6 s
+    await asyncio.sleep(0.6)  # a expired, b's recorded expiry has passed but it lives
+    assert await redis_store.count_sessions() == 2
+    assert await redis_store.count_sessions() == 2
+
+
+# -- atomicity against a killed process --------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["queued", "partial"])
+async def test_killed_commit_leaves_the_old_version_whole(
+    redis_store: RedisStore, raw_redis: aioredis.Redis, prefix: str, mode: str
+) -> None:
+    """A process killed (SIGKILL) inside a commit, with every write queued in the MULTI
+    but no EXEC (`queued`), or half-way through writing the commit (`partial`), leaves
+    the previous version readable and whole; the next commit works."""
+    sid = "victim"
+    meta, blobs = make_meta(sid), make_blobs(MB, MB // 2)
+    await redis_store.create(meta, blobs, ttl=60)
+    before = await snapshot(raw_redis, redis_store, sid)
+    argv = [sys.executable, "-m", "tests.store._commit_child", REDIS_URL, prefix, sid]
+    argv += [str(CHUNK), mode]
+    with subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as child:
+        try:
+            assert child.stdout is not None
+            assert child.stderr is not None
+            line = await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), 30)
+            if line != b"READY 0\n":
+                child.kill()
+                pytest.fail(f"the child did not stall: {line!r} {child.stderr.read()!r}")
+            # stalled inside its commit: nothing of it is visible
+            assert await redis_store.read(sid) == (meta, blobs)
+            os.kill(child.pid, signal.SIGKILL)
+        finally:
+            if child.poll() is None:
+                child.kill()
+            child.wait(timeout=10)
+    assert child.returncode == -signal.SIGKILL
+    # Redis notices the closed connection and drops its MULTI / partial command
+    for _ in range(50):
+        clients = await raw_redis.client_list()
+        if not any(c.get("multi", "-1") != "-1" for c in clients):
+            break
+        await asyncio.sleep(0.02)
+    assert await snapshot(raw_redis, redis_store, sid) == before
+    assert await redis_store.read(sid) == (meta, blobs)
+    new_blobs = make_blobs(2 * CHUNK, 3 * CHUNK)
+    new = await commit_next(redis_store, sid, new_blobs)
+    assert await redis_store.read(sid) == (new, new_blobs)
+
+
+# -- outage and recovery -----------------------------------------------------------------
+
+
+async def test_outage_raises_store_unavailable_and_recovers(private_redis: PrivateRedis) -> None:
+    store = RedisStore(private_redis.url, chunk_bytes=CHUNK, socket_connect_timeout=0.5)
+    await store.open()
+    try:
+        meta, blobs = make_meta("s1"), make_blobs(MB, MB)
+        await store.create(meta, blobs, ttl=60)
+        assert await store.read("s1") == (meta, blobs)
+
+        private_redis.stop()
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.ping()
+        with pytest.raises(StoreUnavailable):
+            await store.get_meta("s1")
+        with pytest.raises(StoreUnavailable):
+            await store.read("s1")
+        with pytest.raises(StoreUnavailable):
+            await store.create(make_meta("s2"), blobs, ttl=60)
+        with pytest.raises(StoreUnavailable):
+            async with store.transaction("s1") as tx:
+                await tx.load()
+        with pytest.raises(StoreUnavailable):
+            await store.claim_idempotency("s1", "k", ttl=60)
+        with pytest.raises(StoreUnavailable):
+            await store.get_idempotency("s1", "k")
+        with pytest.raises(StoreUnavailable):
+            await store.count_sessions()
+        with pytest.raises(StoreUnavailable):
+            await store.delete("s1")
+        assert time.monotonic() - t0 < 5.0  # refused at once, no retry loops
+
+        private_redis.start()  # same port, empty (no persistence)
+        await store.ping()
+        assert await store.get_meta("s1") is None
+        await store.create(meta, blobs, ttl=60)
+        assert await store.read("s1") == (meta, blobs)
+        new = await commit_next(store, "s1", make_blobs(10, 10))
+        assert (await store.get_meta("s1")) == new
+    finally:
+        await store.close()
+
+
+async def test_outage_inside_a_transaction_is_unavailable_not_a_conflict(
+    private_redis: PrivateRedis,
+) -> None:
+    """A commit whose connection dies may or may not have landed: StoreUnavailable (the
+    client retries with its Idempotency-Key), never False (recompute, apply twice)."""
+    store = RedisStore(private_redis.url, chunk_bytes=CHUNK, socket_connect_timeout=0.5)
+    await store.open()
+    try:
+        await store.create(make_meta("s1"), make_blobs(), ttl=60)
+        async with store.transaction("s1") as tx:
+            loaded = await tx.load()
+            assert loaded is not None
+            private_redis.stop()
+            with pytest.raises(StoreUnavailable):
+                await tx.commit(loaded[0].evolve(version=1), make_blobs())
+        private_redis.start()
+        await store.create(make_meta("s1"), make_blobs(), ttl=60)
+        assert (await commit_next(store, "s1", None)).version == 1
+    finally:
+        await store.close()
+
+
+async def test_pool_connections_survive_a_restart(private_redis: PrivateRedis) -> None:
+    """Pooled connections that were open when Redis restarted are replaced on use."""
+    store = RedisStore(private_redis.url, chunk_bytes=CHUNK)
+    await store.open()
+    try:
+        await asyncio.gather(*(store.ping() for _ in range(8)))  # several pooled connections
+        private_redis.stop()
+        private_redis.start()
+        await asyncio.sleep(0.05)
+        # all at once, so that every pooled connection is used
+        await asyncio.gather(*(store.ping() for _ in range(8)))
+        await asyncio.gather(
+            *(store.create(make_meta(f"s{i}"), SessionBlobs(b"p", b"s"), ttl=60) for i in range(8))
+        )
+        assert await store.count_sessions() == 8
+    finally:
+        await store.close()
