@@ -1,5 +1,7 @@
 """The `optserve` command.
 
+optserve serve [--host H] [--port P] [--workers N] [--redis-url URL] [--allow-unauthenticated]
+               [--log-level L]    run the HTTP server (uvicorn; flags override OPTSERVE_*)
 optserve optimizers               list every optimizer with its defaults
 optserve demo [--optimizer adam]  train a small regression with the core, print the loss
 optserve schedule preview --lr 0.1 --spec '{"name": "step", "step_size": 30}' --steps 100
@@ -11,8 +13,10 @@ optserve schedule plot --lr 0.1 --spec '...' --steps 100 -o schedule.png
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -166,9 +170,108 @@ def _schedule_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+_LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Run uvicorn on `service.app:app_factory`; workers read the settings from env."""
+    from pydantic import ValidationError
+
+    from service.config import Settings
+
+    overrides: dict[str, object] = {}
+    for name in ("host", "port", "workers", "redis_url", "log_level"):
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = value
+    if args.allow_unauthenticated:
+        overrides["allow_unauthenticated"] = True
+    try:
+        base = Settings()
+        settings = Settings.model_validate({**base.model_dump(), **overrides})
+    except ValidationError as exc:
+        print(f"optserve serve: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    if settings.workers > 1 and not settings.redis_url:
+        print(
+            f"optserve serve: --workers {settings.workers} needs a Redis URL (--redis-url or "
+            "OPTSERVE_REDIS_URL): each worker is its own process, and the in-process "
+            "store would give each one its own sessions",
+            file=sys.stderr,
+        )
+        return 2
+    if (
+        not _is_loopback(settings.host)
+        and not settings.api_keys
+        and not settings.allow_unauthenticated
+    ):
+        print(
+            f"optserve serve: refusing to serve on {settings.host} without API keys: set "
+            "OPTSERVE_API_KEYS (a JSON object of key -> tenant), or pass "
+            "--allow-unauthenticated if anyone who can reach this address may use it",
+            file=sys.stderr,
+        )
+        return 2
+    # uvicorn's workers import the app afresh: hand them the settings through the env
+    for name, value in overrides.items():
+        os.environ[f"OPTSERVE_{name.upper()}"] = "true" if value is True else str(value)
+    import uvicorn
+
+    uvicorn.run(
+        "service.app:app_factory",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level=settings.log_level.lower(),
+        proxy_headers=False,
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="optserve", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser(
+        "serve",
+        help="run the HTTP server",
+        description=(
+            "Run the optserve HTTP API with uvicorn. Every flag overrides its OPTSERVE_* "
+            "environment variable (OPTSERVE_HOST, OPTSERVE_PORT, OPTSERVE_WORKERS, "
+            "OPTSERVE_REDIS_URL, OPTSERVE_ALLOW_UNAUTHENTICATED, OPTSERVE_LOG_LEVEL); API "
+            "keys come from OPTSERVE_API_KEYS only (a JSON object of key -> tenant). "
+            "Without a Redis URL sessions live in this process and are lost on exit. "
+            "With several workers, set PROMETHEUS_MULTIPROC_DIR to an empty directory "
+            "so that /metrics adds up every worker."
+        ),
+    )
+    serve.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    serve.add_argument(
+        "--workers", type=_positive_int, default=None, help="worker processes (needs Redis if > 1)"
+    )
+    serve.add_argument("--redis-url", default=None, help="redis://host:port/db (default: none)")
+    serve.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="allow a non-loopback --host without API keys",
+    )
+    serve.add_argument(
+        "--log-level",
+        default=None,
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="log level (default info)",
+    )
+    serve.set_defaults(func=_serve)
     sub.add_parser("optimizers", help="list optimizers and their defaults").set_defaults(
         func=_optimizers
     )

@@ -1,0 +1,775 @@
+"""The domain flow of the API: create, read, step, delete, preview (no FastAPI here).
+
+Routes hand the engine a tenant, a session id and the raw body; the engine validates,
+talks to the store, calls the core and returns the encoded answer (`codecs.Reply`) or
+raises an `ApiError`. It owns three concerns the routes should not see:
+
+**Validation before any write** (DESIGN.md, decision 5). Create parses the optimizer
+(`parse_hyper`), the schedule (`parse_schedule`), checks that a schedule cycling the
+momentum has a momentum or beta1 to cycle, that the params are finite and within
+`settings.max_params`, before anything is stored. A step checks its gradients against
+the session's layout (names, shapes, numbers, finiteness unless the session skips
+non-finite steps) and its loss before it claims an idempotency key or opens a
+transaction.
+
+**The step transaction** (decision 3). Up to `settings.max_commit_retries` times: inside
+`store.transaction(id)`, `load()` the session, passing the version this replica holds
+in its cache (`SessionCache`, an LRU bounded by count and bytes) so that the blobs are
+not read again when it is current; compute the step; `commit()` meta (step + 1, version
++ 1, schedule state), blobs and the idempotency record at once, if the version is still
+the loaded one. On a conflict, load and compute again. The cache is refreshed only
+after a commit succeeded. NumPy work on a large session (decoding, the update,
+encoding the answer) runs in a worker thread, so the event loop keeps serving.
+
+Per step `t` (= steps applied before it): `lr = schedule.lr(t, optimizer.lr, state)`
+(constant `optimizer.lr` without a schedule), the optimizer's hyperparameters get the
+schedule's cycled momentum (`with_momentum`), the gradient goes through the session's
+transforms (clipping; a non-finite gradient is refused with 422 or, with
+`nonfinite: "skip"`, committed as a skipped step: version + 1, `skipped` + 1, step,
+params and state unchanged), then `optimizer.update(..., inplace=False)`. A loss-driven
+schedule (`plateau`) observes the step's `loss` after the update; without a loss it
+does not advance.
+
+**Idempotency** (decision 4; REFERENCES.md). With an `Idempotency-Key`, the request's
+fingerprint is sha256 over method, path and body. A stored record with the same
+fingerprint is replayed byte for byte (status, headers, body, plus
+`Idempotent-Replayed: true`); a different fingerprint is 422. Otherwise the key is
+claimed (in flight for `idempotency_lock_ttl` s; held by another request: 409) and the
+successful answer is recorded in the step's own commit, so a step and its record exist
+together or not at all. A refused request is never recorded (its claim is released).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio.to_thread
+import numpy as np
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from service.api import codecs
+from service.api import metrics as m
+from service.api.codecs import Reply
+from service.api.errors import (
+    IdempotencyInFlight,
+    IdempotencyMismatch,
+    Invalid,
+    SessionNotFound,
+    VersionConflict,
+    field_error,
+    invalid,
+    layout_error,
+    spec_error,
+)
+from service.api.schemas import CreateSession, PreviewRequest, StepRequest
+from service.config import Settings
+from service.core import FlatLayout, GradientTransforms, apply_transforms, find_nonfinite
+from service.core.errors import LayoutError, SpecError
+from service.core.optim import Hyper, Optimizer, get_optimizer, parse_hyper
+from service.core.schedules import Schedule, ScheduleState, parse_schedule
+from service.core.schedules.momentum import supports_momentum, with_momentum
+from service.core.state import OptState
+from service.store.base import (
+    IdempotencyRecord,
+    SessionBlobs,
+    SessionMeta,
+    StateStore,
+    StoreUnavailable,
+)
+
+T = TypeVar("T")
+
+#: session ids this server makes (token_urlsafe) and accepts: anything else is 404
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+#: Idempotency-Key: 1 to 255 printable ASCII characters
+_IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
+#: NumPy work on more elements than this (or bodies over OFFLOAD_BYTES) runs in a thread
+OFFLOAD_ELEMENTS = 1 << 16
+OFFLOAD_BYTES = 1 << 20
+#: the format tag of a stored spec
+SPEC_FORMAT = 1
+#: parsed specs kept in memory (small: layouts and hyperparameters, no tensors)
+SPEC_CACHE_SIZE = 4096
+
+
+# --- the parsed spec of a session --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """A session's validated configuration (what `SessionMeta.spec` stores as data)."""
+
+    hp: Hyper
+    optimizer: Optimizer[Any]
+    schedule: Schedule | None
+    dtype: np.dtype[Any]
+    layout: FlatLayout
+    transforms: GradientTransforms
+
+    def stored(self) -> dict[str, Any]:
+        """The spec as JSON-safe data (non-finite floats as strings, which parse back)."""
+        return {
+            "format": SPEC_FORMAT,
+            "optimizer": self.hp.model_dump(mode="json"),
+            "schedule": None if self.schedule is None else self.schedule.model_dump(mode="json"),
+            "dtype": self.dtype.name,
+            "layout": [[s.name, list(s.shape)] for s in self.layout.specs],
+            "transforms": _json_safe(self.transforms.model_dump()),
+            "nonfinite": self.transforms.nonfinite,
+        }
+
+    @classmethod
+    def load(cls, stored: Mapping[str, Any]) -> Spec:
+        hp = parse_hyper(stored["optimizer"])
+        schedule = None if stored.get("schedule") is None else parse_schedule(stored["schedule"])
+        return cls(
+            hp=hp,
+            optimizer=get_optimizer(hp.name),
+            schedule=schedule,
+            dtype=np.dtype(stored["dtype"]),
+            layout=FlatLayout.from_shapes((n, tuple(s)) for n, s in stored["layout"]),
+            transforms=GradientTransforms.model_validate(stored.get("transforms") or {}),
+        )
+
+    def lr(self, t: int, schedule_state: ScheduleState | None) -> float:
+        """The rate of step `t`."""
+        if self.schedule is None:
+            return float(self.hp.lr)
+        return float(self.schedule.lr(t, self.hp.lr, schedule_state))
+
+    def hyper_at(self, t: int) -> Hyper:
+        """The hyperparameters of step `t` (the schedule's cycled momentum, if any)."""
+        if self.schedule is None:
+            return self.hp
+        return with_momentum(self.hp, self.schedule.momentum(t))
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats as the strings 'inf', '-inf', 'nan' (JSON cannot hold them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def encode_schedule_state(state: ScheduleState | None) -> dict[str, Any] | None:
+    if state is None:
+        return None
+    return {k: _json_safe(v) for k, v in state.items()}
+
+
+def decode_schedule_state(data: Mapping[str, Any] | None) -> ScheduleState | None:
+    if data is None:
+        return None
+    return {k: float(v) if isinstance(v, str) else v for k, v in data.items()}
+
+
+# --- the replica's cache -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Cached:
+    """A session's state at `version`, as this replica last committed or read it.
+
+    The arrays are never written (steps run with `inplace=False`), so an entry can be
+    shared by concurrent requests.
+    """
+
+    version: int
+    params: np.ndarray
+    state: OptState
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.params.nbytes + sum(a.nbytes for a in self.state.arrays.values()))
+
+
+class SessionCache:
+    """An LRU of session id -> `Cached`, bounded by entry count and total bytes."""
+
+    def __init__(self, max_sessions: int, max_bytes: int) -> None:
+        self.max_sessions = max_sessions
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, tuple[Cached, int]] = OrderedDict()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, session_id: str) -> Cached | None:
+        item = self._entries.get(session_id)
+        if item is None:
+            return None
+        self._entries.move_to_end(session_id)
+        return item[0]
+
+    def put(self, session_id: str, entry: Cached) -> None:
+        self.pop(session_id)
+        size = entry.nbytes
+        if self.max_sessions <= 0 or size > self.max_bytes:
+            return
+        self._entries[session_id] = (entry, size)
+        self.nbytes += size
+        while len(self._entries) > self.max_sessions or self.nbytes > self.max_bytes:
+            _, (_, evicted) = self._entries.popitem(last=False)
+            self.nbytes -= evicted
+
+    def pop(self, session_id: str) -> None:
+        item = self._entries.pop(session_id, None)
+        if item is not None:
+            self.nbytes -= item[1]
+
+
+# --- requests as the engine sees them ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StepCall:
+    """One `POST /v1/sessions/{id}/step`, as received."""
+
+    tenant: str
+    session_id: str
+    body: bytes
+    content_type: str | None
+    binary_response: bool
+    idempotency_key: str | None = None
+    method: str = "POST"
+    path: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StepInput:
+    grads: np.ndarray
+    loss: float | None
+    ret: str
+
+
+@dataclass(slots=True)
+class _Computed:
+    meta: SessionMeta
+    blobs: SessionBlobs | None
+    reply: Reply
+    cached: Cached
+    skipped: bool
+
+
+def fingerprint(method: str, path: str, body: bytes) -> str:
+    """What identifies a request for idempotency: sha256 of method, path and body."""
+    h = hashlib.sha256()
+    h.update(method.upper().encode())
+    h.update(b"\n")
+    h.update(path.encode())
+    h.update(b"\n")
+    h.update(body)
+    return h.hexdigest()
+
+
+def new_session_id() -> str:
+    """A random id: 24 bytes (192 bits) from `secrets`, URL-safe base64 (32 characters)."""
+    return secrets.token_urlsafe(24)
+
+
+# --- the engine --------------------------------------------------------------------------
+
+
+class Engine:
+    """The API's domain logic over one store; one per application."""
+
+    def __init__(self, settings: Settings, store: StateStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.cache = SessionCache(settings.cache_sessions, settings.cache_bytes)
+        #: session id -> (tenant, parsed spec): neither ever changes for an id (ids are
+        #: random and never reused), so a step needs no meta read to validate its body
+        self._specs: OrderedDict[str, tuple[str, Spec]] = OrderedDict()
+
+    # sessions -----------------------------------------------------------------------
+
+    async def create(self, tenant: str, body: bytes, content_type: str | None) -> dict[str, Any]:
+        """Validate a creation request, store the session, return its document."""
+        binary = codecs.is_binary(content_type)
+        spec, params = await self._offload(
+            len(body) > OFFLOAD_BYTES, self._parse_create, body, binary
+        )
+        state = await self._offload(
+            params.size > OFFLOAD_ELEMENTS, spec.optimizer.init, spec.hp, params, spec.layout
+        )
+        now = time.time()
+        schedule_state = None if spec.schedule is None else spec.schedule.initial_state(spec.hp.lr)
+        meta = SessionMeta(
+            id=new_session_id(),
+            tenant=tenant,
+            version=0,
+            step=0,
+            spec=spec.stored(),
+            schedule_state=encode_schedule_state(schedule_state),
+            created_at=now,
+            updated_at=now,
+        )
+        blobs = await self._offload(
+            params.size > OFFLOAD_ELEMENTS,
+            lambda: SessionBlobs(params.tobytes(), state.to_bytes()),
+        )
+        self._round_trip("create")
+        await self.store.create(meta, blobs, self.settings.session_ttl)
+        self.cache.put(meta.id, Cached(0, params, state))
+        self._remember_spec(meta.id, tenant, spec)
+        return self.document(meta, spec)
+
+    async def get(self, tenant: str, session_id: str) -> dict[str, Any]:
+        meta = await self._owned_meta(tenant, session_id, refresh=True)
+        return self.document(meta, Spec.load(meta.spec))
+
+    async def delete(self, tenant: str, session_id: str) -> None:
+        await self._owned_meta(tenant, session_id)
+        self._round_trip("delete")
+        deleted = await self.store.delete(session_id)
+        self.cache.pop(session_id)
+        self._specs.pop(session_id, None)
+        if not deleted:
+            raise SessionNotFound()
+
+    async def read_params(self, tenant: str, session_id: str, binary: bool) -> Reply:
+        meta = await self._owned_meta(tenant, session_id, refresh=True)
+        spec = Spec.load(meta.spec)
+        cached = self.cache.get(session_id)
+        if cached is not None and cached.version == meta.version:
+            params = cached.params
+        else:
+            self._round_trip("read")
+            got = await self.store.read(session_id)
+            if got is None or got[0].tenant != tenant:
+                raise SessionNotFound()
+            meta, blobs = got
+            params = np.frombuffer(blobs.params, dtype=spec.dtype.newbyteorder("<"))
+        counters = {"step": meta.step, "version": meta.version}
+
+        def encode() -> Reply:
+            tensors = spec.layout.unflatten(params)
+            if binary:
+                return codecs.binary_reply(tensors, counters)
+            return codecs.json_reply({**counters, "params": tensors})
+
+        return await self._offload(params.size > OFFLOAD_ELEMENTS, encode)
+
+    def document(self, meta: SessionMeta, spec: Spec) -> dict[str, Any]:
+        """The session document of API.md (`GET /v1/sessions/{id}`), with extensions."""
+        stored = spec.stored()
+        return {
+            "id": meta.id,
+            "step": meta.step,
+            "version": meta.version,
+            "lr": spec.lr(meta.step, decode_schedule_state(meta.schedule_state)),
+            "optimizer": stored["optimizer"],
+            "schedule": stored["schedule"],
+            "dtype": stored["dtype"],
+            "params": {s.name: {"shape": list(s.shape)} for s in spec.layout.specs},
+            "transforms": {k: v for k, v in stored["transforms"].items() if k != "nonfinite"},
+            "nonfinite": stored["nonfinite"],
+            "skipped": meta.skipped,
+            "created_at": meta.created_at,
+            "updated_at": meta.updated_at,
+        }
+
+    # step ---------------------------------------------------------------------------
+
+    async def step(self, call: StepCall) -> Reply:
+        """Apply one step (or replay its recorded answer); see the module docstring."""
+        start = time.perf_counter()
+        outcome = "refused"
+        try:
+            reply, outcome = await self._step(call)
+            return reply
+        finally:
+            m.STEP_SECONDS.labels(outcome).observe(time.perf_counter() - start)
+
+    async def _step(self, call: StepCall) -> tuple[Reply, str]:
+        sid, key = call.session_id, call.idempotency_key
+        spec = await self._spec(call.tenant, sid)
+        fp = None
+        if key is not None:
+            if not _IDEMPOTENCY_KEY.fullmatch(key):
+                raise invalid(
+                    ["header", "Idempotency-Key"], "must be 1 to 255 printable ASCII characters"
+                )
+            fp = fingerprint(call.method, call.path, call.body)
+            record = await self._record(sid, key)
+            if record is not None:
+                return self._replay(record, fp), "replayed"
+        step_input = await self._offload(
+            len(call.body) > OFFLOAD_BYTES,
+            self._parse_step,
+            spec,
+            call.body,
+            codecs.is_binary(call.content_type),
+        )
+        claimed = committed = False
+        try:
+            if key is not None and fp is not None:
+                self._round_trip("claim_idempotency")
+                if not await self.store.claim_idempotency(
+                    sid, key, self.settings.idempotency_lock_ttl
+                ):
+                    record = await self._record(sid, key)
+                    if record is not None:
+                        return self._replay(record, fp), "replayed"
+                    raise IdempotencyInFlight()
+                claimed = True
+                # the first request may have committed between our look and our claim
+                record = await self._record(sid, key)
+                if record is not None:
+                    return self._replay(record, fp), "replayed"
+            reply, skipped = await self._apply(call, spec, step_input, fp)
+            committed = True
+            return reply, "skipped" if skipped else "applied"
+        finally:
+            if claimed and not committed and key is not None:
+                self._round_trip("release_idempotency")
+                with suppress(StoreUnavailable):
+                    await self.store.release_idempotency(sid, key)
+
+    async def _apply(
+        self, call: StepCall, spec: Spec, step_input: StepInput, fp: str | None
+    ) -> tuple[Reply, bool]:
+        sid, key = call.session_id, call.idempotency_key
+        big = spec.layout.total > OFFLOAD_ELEMENTS
+        for _ in range(self.settings.max_commit_retries):
+            async with self.store.transaction(sid, self.settings.session_ttl) as tx:
+                cached = self.cache.get(sid)
+                self._round_trip("load")
+                loaded = await tx.load(None if cached is None else cached.version)
+                if loaded is None or loaded[0].tenant != call.tenant:
+                    raise SessionNotFound()
+                meta, blobs = loaded
+                if blobs is None and (cached is None or cached.version != meta.version):
+                    raise RuntimeError(f"store returned no blobs for version {meta.version}")
+                done = await self._offload(
+                    big, self._compute, spec, meta, blobs, cached, step_input, call.binary_response
+                )
+                record = None
+                if key is not None and fp is not None:
+                    headers = {"content-type": done.reply.media_type, **done.reply.headers}
+                    record = IdempotencyRecord(key, fp, done.reply.status, headers, done.reply.body)
+                self._round_trip("commit")
+                ok = await tx.commit(
+                    done.meta,
+                    done.blobs,
+                    record,
+                    self.settings.idempotency_ttl if record is not None else None,
+                )
+            if ok:
+                self.cache.put(sid, done.cached)
+                return done.reply, done.skipped
+            m.VERSION_CONFLICTS.inc()
+        raise VersionConflict(
+            f"the session changed under this step {self.settings.max_commit_retries} times "
+            "in a row; nothing was applied, retry"
+        )
+
+    def _compute(
+        self,
+        spec: Spec,
+        meta: SessionMeta,
+        blobs: SessionBlobs | None,
+        cached: Cached | None,
+        step_input: StepInput,
+        binary: bool,
+    ) -> _Computed:
+        """One step on the loaded state (pure: nothing loaded or cached is written)."""
+        if blobs is not None:
+            params = np.frombuffer(blobs.params, dtype=spec.dtype.newbyteorder("<"))
+            state = OptState.from_bytes(blobs.state)
+        else:
+            assert cached is not None
+            params, state = cached.params, cached.state
+        t = meta.step
+        schedule_state = decode_schedule_state(meta.schedule_state)
+        lr = spec.lr(t, schedule_state)
+        result = apply_transforms(spec.transforms, step_input.grads, spec.layout)
+        now = time.time()
+        if result.nonfinite:
+            if spec.transforms.nonfinite != "skip":  # refused by _parse_step already
+                raise _nonfinite_grads(result.nonfinite, result.nonfinite_tensors)
+            new_meta = meta.evolve(
+                version=meta.version + 1, skipped=meta.skipped + 1, updated_at=now
+            )
+            new_params, new_state, new_blobs = params, state, None
+        else:
+            loss = step_input.loss
+            if loss is not None and not math.isfinite(loss):
+                raise invalid(["body", "loss"], f"must be a finite number: got {loss}")
+            new_params, new_state = spec.optimizer.update(
+                spec.hyper_at(t), result.grads, state, params, lr, spec.layout, inplace=False
+            )
+            if spec.schedule is not None and spec.schedule.stateful and loss is not None:
+                assert schedule_state is not None
+                schedule_state = spec.schedule.observe(schedule_state, loss)
+            new_meta = meta.evolve(
+                version=meta.version + 1,
+                step=meta.step + 1,
+                schedule_state=encode_schedule_state(schedule_state),
+                updated_at=now,
+            )
+            new_blobs = SessionBlobs(new_params.tobytes(), new_state.to_bytes())
+        skipped = bool(result.nonfinite)
+        grad_norm = result.grad_norm if math.isfinite(result.grad_norm) else None
+        counters: dict[str, Any] = {
+            "step": new_meta.step,
+            "version": new_meta.version,
+            "lr": lr,
+            "skipped": skipped,
+            "grad_norm": grad_norm,
+            "clipped": result.clipped,
+        }
+        tensors: dict[str, np.ndarray] | None = None
+        if step_input.ret == "params":
+            tensors = spec.layout.unflatten(new_params)
+        elif step_input.ret == "updates":
+            tensors = spec.layout.unflatten(np.subtract(new_params, params))
+        if binary:
+            reply = codecs.binary_reply(tensors or {}, {**counters, "return": step_input.ret})
+        else:
+            body = dict(counters)
+            if tensors is not None:
+                body[step_input.ret] = tensors
+            reply = codecs.json_reply(body)
+        return _Computed(
+            new_meta, new_blobs, reply, Cached(new_meta.version, new_params, new_state), skipped
+        )
+
+    def _replay(self, record: IdempotencyRecord, fp: str) -> Reply:
+        if record.fingerprint != fp:
+            raise IdempotencyMismatch()
+        m.IDEMPOTENT_REPLAYS.inc()
+        headers = {k: v for k, v in record.headers.items() if k.lower() != "content-type"}
+        media = next(
+            (v for k, v in record.headers.items() if k.lower() == "content-type"), codecs.JSON
+        )
+        headers["Idempotent-Replayed"] = "true"
+        return Reply(record.status, record.body, media, headers)
+
+    async def _record(self, session_id: str, key: str) -> IdempotencyRecord | None:
+        self._round_trip("get_idempotency")
+        return await self.store.get_idempotency(session_id, key)
+
+    # preview --------------------------------------------------------------------------
+
+    async def preview(self, request: PreviewRequest) -> dict[str, Any]:
+        try:
+            schedule = parse_schedule(request.schedule)
+        except SpecError as exc:
+            raise spec_error(exc, ["body", "schedule"]) from None
+
+        def run() -> dict[str, Any]:
+            momenta = schedule.momenta(request.steps)
+            return {
+                "lrs": schedule.lrs(request.steps, request.lr).tolist(),
+                "momenta": None if momenta is None else momenta.tolist(),
+            }
+
+        return await self._offload(request.steps > 1000, run)
+
+    # health -----------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        self._round_trip("ping")
+        await self.store.ping()
+
+    async def count_sessions(self) -> int:
+        self._round_trip("count_sessions")
+        return await self.store.count_sessions()
+
+    # parsing ----------------------------------------------------------------------------
+
+    def _parse_create(self, body: bytes, binary: bool) -> tuple[Spec, np.ndarray]:
+        tensors: dict[str, np.ndarray]
+        if binary:
+            raw, metadata = codecs.load_binary(body)
+            data: dict[str, Any] = {"params": {}}
+            for name in ("optimizer", "schedule", "transforms"):
+                if name in metadata:
+                    data[name] = _metadata_json(metadata, name)
+            for name in ("dtype", "nonfinite"):
+                if name in metadata:
+                    data[name] = metadata[name]
+            request = _validate(CreateSession, data)
+            tensors = {n: codecs.binary_tensor(a, ["body", "params", n]) for n, a in raw.items()}
+        else:
+            request = _validate(CreateSession, codecs.load_json(body))
+            tensors = {
+                n: codecs.json_tensor(v, ["body", "params", n]) for n, v in request.params.items()
+            }
+        spec = self._build_spec(request, tensors)
+        with np.errstate(over="ignore"):
+            params = spec.layout.flatten(tensors, spec.dtype)
+        if not np.isfinite(params).all():
+            count, names = find_nonfinite(params, spec.layout)
+            msg = f"holds non-finite values (NaN or inf, or too large for {spec.dtype.name})"
+            raise Invalid(
+                f"{count} non-finite parameter values in {', '.join(map(repr, names))}",
+                [field_error(["body", "params", n], msg) for n in names],
+            )
+        return spec, params
+
+    def _build_spec(self, request: CreateSession, tensors: Mapping[str, np.ndarray]) -> Spec:
+        if not tensors:
+            raise invalid(["body", "params"], "must name at least one tensor")
+        if "__metadata__" in tensors:
+            raise invalid(["body", "params", "__metadata__"], "this tensor name is reserved")
+        try:
+            hp = parse_hyper(request.optimizer)
+        except SpecError as exc:
+            raise spec_error(exc, ["body", "optimizer"]) from None
+        schedule = None
+        if request.schedule is not None:
+            try:
+                schedule = parse_schedule(request.schedule)
+            except SpecError as exc:
+                raise spec_error(exc, ["body", "schedule"]) from None
+            if schedule.momentum(0) is not None and not supports_momentum(hp):
+                raise invalid(
+                    ["body", "schedule", "cycle_momentum"],
+                    f"optimizer {hp.name!r} has neither momentum nor betas to cycle; "
+                    "set cycle_momentum to false",
+                )
+        transforms = request.transforms or GradientTransforms()
+        if request.nonfinite is not None:
+            given = request.transforms is not None and "nonfinite" in transforms.model_fields_set
+            if given and transforms.nonfinite != request.nonfinite:
+                raise invalid(
+                    ["body", "nonfinite"],
+                    f"contradicts transforms.nonfinite ({transforms.nonfinite!r})",
+                )
+            transforms = transforms.model_copy(update={"nonfinite": request.nonfinite})
+        try:
+            layout = FlatLayout.from_shapes((n, a.shape) for n, a in tensors.items())
+        except LayoutError as exc:
+            raise layout_error(exc, ["body", "params"]) from None
+        if layout.total > self.settings.max_params:
+            raise invalid(
+                ["body", "params"],
+                f"{layout.total} parameters in all, over this server's limit of "
+                f"{self.settings.max_params}",
+            )
+        return Spec(
+            hp=hp,
+            optimizer=get_optimizer(hp.name),
+            schedule=schedule,
+            dtype=np.dtype(request.dtype),
+            layout=layout,
+            transforms=transforms,
+        )
+
+    def _parse_step(self, spec: Spec, body: bytes, binary: bool) -> StepInput:
+        arrays: dict[str, np.ndarray]
+        if binary:
+            raw, metadata = codecs.load_binary(body)
+            arrays = {n: codecs.binary_tensor(a, ["body", "grads", n]) for n, a in raw.items()}
+            loss = codecs.metadata_number(metadata, "loss", ["body", "loss"])
+            ret = metadata.get("return", "params")
+            if ret not in ("params", "updates", "none"):
+                raise invalid(["body", "return"], f"must be params, updates or none: got {ret!r}")
+        else:
+            request = _validate(StepRequest, codecs.load_json(body))
+            arrays = {
+                n: codecs.json_tensor(v, ["body", "grads", n]) for n, v in request.grads.items()
+            }
+            loss, ret = request.loss, request.return_
+        try:
+            with np.errstate(over="ignore"):
+                grads = spec.layout.flatten(arrays, spec.dtype)
+        except LayoutError as exc:
+            raise layout_error(exc, ["body", "grads"]) from None
+        # refuse here, before an idempotency key is claimed or a transaction opened
+        finite = bool(np.isfinite(grads).all())
+        if not finite and spec.transforms.nonfinite != "skip":
+            raise _nonfinite_grads(*find_nonfinite(grads, spec.layout))
+        if finite and loss is not None and not math.isfinite(loss):
+            raise invalid(["body", "loss"], f"must be a finite number: got {loss}")
+        return StepInput(grads, loss, ret)
+
+    # helpers ----------------------------------------------------------------------------
+
+    async def _owned_meta(self, tenant: str, session_id: str, refresh: bool = False) -> SessionMeta:
+        """The session's meta if it exists and is `tenant`'s; 404 (the same) otherwise."""
+        if not _SESSION_ID.fullmatch(session_id):
+            raise SessionNotFound()
+        self._round_trip("get_meta")
+        meta = await self.store.get_meta(session_id, self.settings.session_ttl if refresh else None)
+        if meta is None or meta.tenant != tenant:
+            raise SessionNotFound()
+        return meta
+
+    async def _spec(self, tenant: str, session_id: str) -> Spec:
+        """The session's parsed spec, if it is `tenant`'s (404 otherwise); from memory
+        when this replica has seen the session (the transaction checks it still exists)."""
+        known = self._specs.get(session_id)
+        if known is not None:
+            self._specs.move_to_end(session_id)
+            if known[0] != tenant:
+                raise SessionNotFound()
+            return known[1]
+        meta = await self._owned_meta(tenant, session_id)
+        spec = Spec.load(meta.spec)
+        self._remember_spec(session_id, tenant, spec)
+        return spec
+
+    def _remember_spec(self, session_id: str, tenant: str, spec: Spec) -> None:
+        self._specs[session_id] = (tenant, spec)
+        while len(self._specs) > SPEC_CACHE_SIZE:
+            self._specs.popitem(last=False)
+
+    @staticmethod
+    def _round_trip(op: str) -> None:
+        m.STORE_ROUND_TRIPS.labels(op).inc()
+
+    @staticmethod
+    async def _offload(big: bool, func: Callable[..., T], *args: Any) -> T:
+        """`func(*args)`, in a worker thread when `big` (the event loop keeps serving)."""
+        if big:
+            return await anyio.to_thread.run_sync(func, *args)
+        return func(*args)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _validate(model: type[M], data: Any) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors: list[dict[str, Any]] = []
+        parts: list[str] = []
+        for error in exc.errors():
+            loc = [p if isinstance(p, int) else str(p) for p in error["loc"]]
+            errors.append(field_error(["body", *loc], error["msg"]))
+            parts.append(f"{'.'.join(map(str, loc))}: {error['msg']}")
+        raise Invalid("; ".join(parts), errors) from None
+
+
+def _nonfinite_grads(count: int, names: list[str]) -> Invalid:
+    msg = "holds non-finite values (NaN or inf, or too large for the session's dtype)"
+    return Invalid(
+        f"{count} non-finite gradient values in {', '.join(map(repr, names))}; nothing was applied",
+        [field_error(["body", "grads", n], msg) for n in names],
+    )
+
+
+def _metadata_json(metadata: Mapping[str, str], name: str) -> Any:
+    try:
+        return orjson.loads(metadata[name])
+    except orjson.JSONDecodeError:
+        raise invalid(["body", name], "must be JSON written as a string in __metadata__") from None

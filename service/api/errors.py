@@ -1,0 +1,371 @@
+"""HTTP problems: the `ApiError` tree and the handlers that render RFC 9457 problem+json.
+
+Every refusal the API makes is a problem document (API.md, "Conventions"):
+
+    {"type": "urn:optserve:problem:<slug>", "title": "...", "status": 422,
+     "detail": "...", "errors": [{"loc": ["body", "optimizer", "betas", 0], "msg": "..."}]}
+
+`type` is a URN naming the kind of problem (the same for every occurrence, so a client
+can branch on it; `title` is its short human text); `errors` lists each field at fault,
+its `loc` a path into the request (`["body", ...]`, `["path", "session_id"]`,
+`["header", "Idempotency-Key"]`), empty when no field is to blame.
+
+Mapping (the table of API.md):
+
+* `ApiError` subclasses carry their status; raised anywhere below a route.
+* core `SpecError` (optimizer, schedule) -> 422 with each error's loc under
+  `["body", <field>]` (the engine names the field it validated; see `spec_error`),
+  `LayoutError` -> 422 naming the tensor, other `CoreError` -> 422.
+* FastAPI's `RequestValidationError` -> 422, or 400 when the body is not JSON at all.
+* `StoreUnavailable` -> 503 with `Retry-After: settings.retry_after`.
+* Starlette's own `HTTPException` (unknown route 404, method 405, ...) -> problem+json too.
+* Anything else -> 500 problem (the traceback goes to the log, not to the client).
+
+`ApiError` subclasses Starlette's `HTTPException`, so FastAPI passes it through untouched
+when it is raised while FastAPI reads a body (the streamed-size check of `BodyLimit`).
+This module imports FastAPI only inside `install_handlers`: the engine raises these
+errors without depending on the web framework.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.config import Settings
+from service.core.errors import CoreError, LayoutError, SpecError
+from service.store.base import StoreUnavailable
+
+log = logging.getLogger("optserve.api")
+
+PROBLEM_JSON = "application/problem+json"
+_TYPE_PREFIX = "urn:optserve:problem:"
+
+Loc = Sequence[str | int]
+FieldError = dict[str, Any]
+
+
+def field_error(loc: Loc, msg: str) -> FieldError:
+    """One entry of a problem's `errors`."""
+    return {"loc": [p if isinstance(p, int) else str(p) for p in loc], "msg": msg}
+
+
+class ApiError(StarletteHTTPException):
+    """A refusal rendered as problem+json. Subclasses fix `status`, `slug` and `title`."""
+
+    status: int = 500
+    slug: str = "internal"
+    title: str = "Internal Server Error"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        errors: Iterable[FieldError] = (),
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.errors: list[FieldError] = list(errors)
+        text = detail if detail is not None else self.title
+        super().__init__(status_code=self.status, detail=text, headers=headers)
+
+    @property
+    def type(self) -> str:
+        return _TYPE_PREFIX + self.slug
+
+    def problem(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "errors": self.errors,
+        }
+
+
+class BadRequest(ApiError):
+    """400: the body cannot be read at all (bad JSON, bad safetensors header)."""
+
+    status, slug, title = 400, "malformed-body", "Malformed request body"
+
+
+class Unauthorized(ApiError):
+    """401: authentication is on and no valid `Authorization: Bearer <key>` was sent."""
+
+    status, slug, title = 401, "unauthorized", "Unauthorized"
+
+    def __init__(self, detail: str = "a valid 'Authorization: Bearer <key>' is required") -> None:
+        super().__init__(
+            detail,
+            [field_error(["header", "Authorization"], detail)],
+            headers={"WWW-Authenticate": 'Bearer realm="optserve"'},
+        )
+
+
+class SessionNotFound(ApiError):
+    """404: no such session, or another tenant's (the body is the same either way)."""
+
+    status, slug, title = 404, "session-not-found", "Session not found"
+
+    def __init__(self) -> None:
+        super().__init__("no session with this id", [])
+
+
+class IdempotencyInFlight(ApiError):
+    """409: a request with the same `Idempotency-Key` is still being processed."""
+
+    status, slug, title = 409, "idempotency-key-in-flight", "Idempotency key in flight"
+
+    def __init__(self) -> None:
+        msg = "a request with this Idempotency-Key is still in flight; retry later"
+        super().__init__(msg, [field_error(["header", "Idempotency-Key"], msg)])
+
+
+class VersionConflict(ApiError):
+    """409: concurrent steps kept winning the version race; nothing was applied."""
+
+    status, slug, title = 409, "version-conflict", "Version conflict"
+
+
+class PayloadTooLarge(ApiError):
+    """413: the body is over `settings.max_body_bytes`."""
+
+    status, slug, title = 413, "payload-too-large", "Request body too large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body is over the limit of {limit} bytes", [])
+
+
+class UnsupportedMediaType(ApiError):
+    status, slug, title = 415, "unsupported-media-type", "Unsupported media type"
+
+
+class Invalid(ApiError):
+    """422: well-formed but invalid (spec, tensor names or shapes, non-finite values)."""
+
+    status, slug, title = 422, "validation-error", "Invalid request"
+
+
+class IdempotencyMismatch(ApiError):
+    """422: an `Idempotency-Key` already used with a different request."""
+
+    status, slug, title = 422, "idempotency-key-reused", "Idempotency key reused"
+
+    def __init__(self) -> None:
+        msg = "this Idempotency-Key was used with a different request (method, path or body)"
+        super().__init__(msg, [field_error(["header", "Idempotency-Key"], msg)])
+
+
+class StoreDown(ApiError):
+    """503: the state store cannot be reached."""
+
+    status, slug, title = 503, "store-unavailable", "State store unavailable"
+
+    def __init__(self, retry_after: int, detail: str = "the state store cannot be reached") -> None:
+        super().__init__(detail, [], headers={"Retry-After": str(retry_after)})
+
+
+def invalid(loc: Loc, msg: str) -> Invalid:
+    """A 422 naming one field."""
+    return Invalid(msg, [field_error(loc, msg)])
+
+
+def spec_error(exc: SpecError, prefix: Loc) -> Invalid:
+    """A core SpecError as a 422, each loc under `prefix` (e.g. `["body", "optimizer"]`)."""
+    errors = [
+        field_error([*prefix, *_as_loc(e.get("loc", ()))], str(e.get("msg", "invalid")))
+        for e in exc.errors
+    ]
+    return Invalid(str(exc), errors)
+
+
+def layout_error(exc: LayoutError, prefix: Loc) -> Invalid:
+    """A core LayoutError as a 422 naming the tensor (`prefix + [name]`)."""
+    loc = [*prefix, exc.name] if exc.name is not None else list(prefix)
+    return Invalid(str(exc), [field_error(loc, str(exc))])
+
+
+def _as_loc(loc: object) -> list[str | int]:
+    if isinstance(loc, (list, tuple)):
+        return [p if isinstance(p, int) else str(p) for p in loc]
+    return [str(loc)]
+
+
+def problem_response(
+    status: int,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+) -> Response:
+    return Response(
+        orjson.dumps(body), status_code=status, media_type=PROBLEM_JSON, headers=headers
+    )
+
+
+def render(exc: ApiError) -> Response:
+    return problem_response(exc.status, exc.problem(), dict(exc.headers or {}))
+
+
+# --- handlers ----------------------------------------------------------------------------
+
+
+async def _api_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return render(exc)
+
+
+async def _core_error(_: Request, exc: Exception) -> Response:
+    if isinstance(exc, SpecError):
+        return render(spec_error(exc, ["body"]))
+    if isinstance(exc, LayoutError):
+        return render(layout_error(exc, ["body"]))
+    return render(Invalid(str(exc), [field_error(["body"], str(exc))]))
+
+
+async def _validation_error(_: Request, exc: Exception) -> Response:
+    errors_of = getattr(exc, "errors", None)
+    raw: list[dict[str, Any]] = list(errors_of()) if callable(errors_of) else []
+    if any(e.get("type") == "json_invalid" for e in raw):
+        ctx = next(e.get("ctx") or {} for e in raw if e.get("type") == "json_invalid")
+        msg = f"the body is not valid JSON: {ctx.get('error', 'decode error')}"
+        return render(BadRequest(msg, [field_error(["body"], msg)]))
+    errors = [field_error(_as_loc(e.get("loc", ())), str(e.get("msg", "invalid"))) for e in raw]
+    detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+    return render(Invalid(detail or "invalid request", errors))
+
+
+def _store_unavailable(settings: Settings) -> Any:
+    async def handler(_: Request, exc: Exception) -> Response:
+        log.warning("state store unavailable: %s", exc)
+        return render(StoreDown(settings.retry_after))
+
+    return handler
+
+
+_STATUS_PROBLEMS: dict[int, tuple[str, str]] = {
+    404: ("not-found", "Not Found"),
+    405: ("method-not-allowed", "Method Not Allowed"),
+    406: ("not-acceptable", "Not Acceptable"),
+    413: ("payload-too-large", "Request body too large"),
+}
+
+
+async def _http_exception(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    slug, title = _STATUS_PROBLEMS.get(exc.status_code, ("http-error", "HTTP error"))
+    body = {
+        "type": _TYPE_PREFIX + slug,
+        "title": title,
+        "status": exc.status_code,
+        "detail": str(exc.detail),
+        "errors": [],
+    }
+    return problem_response(exc.status_code, body, dict(exc.headers or {}))
+
+
+async def _unhandled(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return render(ApiError("internal server error"))
+
+
+def install_handlers(app: Starlette, settings: Settings) -> None:
+    """Register every problem+json handler on `app` (a FastAPI application)."""
+    from fastapi.exceptions import RequestValidationError
+
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(CoreError, _core_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StoreUnavailable, _store_unavailable(settings))
+    app.add_exception_handler(StarletteHTTPException, _http_exception)
+    app.add_exception_handler(Exception, _unhandled)
+
+
+# --- body size limit ---------------------------------------------------------------------
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over `limit` bytes.
+
+    Checks `Content-Length` before the application runs (answering 413 at once), and
+    counts the bytes actually received (a chunked body has no Content-Length; a lying
+    one is caught too), raising `PayloadTooLarge` from `receive` the moment the count
+    passes the limit, which the handlers render (or this middleware, if it escapes).
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.limit:
+            await render(PayloadTooLarge(self.limit))(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise PayloadTooLarge(self.limit)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except PayloadTooLarge as exc:
+            if started:
+                raise
+            await render(exc)(scope, receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+# --- OpenAPI -----------------------------------------------------------------------------
+
+_DESCRIPTIONS = {
+    400: "Malformed body (bad JSON, bad safetensors header)",
+    401: "Authentication is on and no valid `Authorization: Bearer <key>` was sent",
+    404: "No such session, or another tenant's",
+    409: "`Idempotency-Key` still in flight, or a version conflict the server could not resolve",
+    413: "Body over the configured limit",
+    415: "Content-Type is neither application/json nor application/octet-stream",
+    422: "Well-formed but invalid; `errors` names each field",
+    503: "The state store is unreachable (see `Retry-After`)",
+}
+
+
+def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries for problem+json answers with these statuses."""
+    schema = {"$ref": "#/components/schemas/Problem"}
+    return {
+        status: {
+            "description": _DESCRIPTIONS.get(status, "Problem"),
+            "content": {PROBLEM_JSON: {"schema": schema}},
+        }
+        for status in statuses
+    }

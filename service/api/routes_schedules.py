@@ -1,0 +1,33 @@
+"""`/v1/schedules`: preview a learning-rate schedule (API.md)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+
+from service.api.auth import EngineDep, Tenant
+from service.api.codecs import JSON, is_binary
+from service.api.errors import UnsupportedMediaType, field_error, problems
+from service.api.schemas import PreviewRequest, PreviewResponse
+
+
+def json_only(request: Request) -> None:
+    """415 unless the body is JSON (as the session routes do; FastAPI would say 422)."""
+    content_type = request.headers.get("content-type")
+    if is_binary(content_type):
+        msg = f"this endpoint takes {JSON} only"
+        raise UnsupportedMediaType(msg, [field_error(["header", "Content-Type"], msg)])
+
+
+router = APIRouter(prefix="/v1/schedules", tags=["schedules"], dependencies=[Depends(json_only)])
+
+
+@router.post(
+    "/preview",
+    response_model=PreviewResponse,
+    summary="Preview a schedule's rates",
+    responses=problems(400, 401, 413, 415, 422),
+)
+async def preview(request: PreviewRequest, _: Tenant, engine: EngineDep) -> PreviewResponse:
+    """The rate at steps `0 .. steps-1`: exactly what a session with that optimizer `lr`
+    and schedule would use (and the cycled momentum, for schedules that cycle one)."""
+    return PreviewResponse.model_validate(await engine.preview(request))

@@ -1,0 +1,163 @@
+"""`/v1/sessions`: create, read, delete a session, read its params, step it (API.md).
+
+Bodies are read raw (JSON or safetensors, by Content-Type) and handed to the engine;
+responses carrying tensors follow `Accept` (`application/octet-stream` for safetensors).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Path, Request, Response
+
+from service.api.auth import EngineDep, Tenant
+from service.api.codecs import BINARY, JSON, FastJSONResponse, Reply, wants_binary
+from service.api.engine import StepCall
+from service.api.errors import problems
+from service.api.schemas import ParamsResponse, SessionDoc, StepResponse
+
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+
+SessionId = Annotated[
+    str, Path(description="the session id returned by create", examples=["Gq3lq0xZ2yZ6n1m1"])
+]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description=(
+            "a retry with the same key and body gets the first response again (with "
+            "`Idempotent-Replayed: true`) and is not applied twice; keys are kept "
+            "for the server's idempotency_ttl (24 h by default)"
+        ),
+    ),
+]
+
+
+def _binary_body(schema: str, what: str) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                JSON: {"schema": {"$ref": f"#/components/schemas/{schema}"}},
+                BINARY: {
+                    "schema": {"type": "string", "format": "binary", "description": what},
+                },
+            },
+        }
+    }
+
+
+def _tensor_response(schema: str, what: str) -> dict[int | str, dict[str, Any]]:
+    return {
+        200: {
+            "description": "OK",
+            "content": {
+                JSON: {"schema": {"$ref": f"#/components/schemas/{schema}"}},
+                BINARY: {"schema": {"type": "string", "format": "binary", "description": what}},
+            },
+        }
+    }
+
+
+def _send(reply: Reply) -> Response:
+    return Response(reply.body, reply.status, headers=reply.headers, media_type=reply.media_type)
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=SessionDoc,
+    summary="Create a session",
+    responses=problems(400, 401, 413, 415, 422, 503),
+    openapi_extra=_binary_body(
+        "CreateSession",
+        "safetensors: the params as tensors; __metadata__ holds optimizer, schedule and "
+        "transforms as JSON strings, dtype and nonfinite as strings",
+    ),
+)
+async def create_session(request: Request, tenant: Tenant, engine: EngineDep) -> Response:
+    """Register params, optimizer and schedule; answers the session document."""
+    body = await request.body()
+    doc = await engine.create(tenant, body, request.headers.get("content-type"))
+    return FastJSONResponse(doc, status_code=201, headers={"Location": f"/v1/sessions/{doc['id']}"})
+
+
+@router.get(
+    "/{session_id}",
+    response_model=SessionDoc,
+    summary="Read a session",
+    responses=problems(401, 404, 503),
+)
+async def get_session(session_id: SessionId, tenant: Tenant, engine: EngineDep) -> Response:
+    """The session document; `lr` is the rate the next step will use."""
+    return FastJSONResponse(await engine.get(tenant, session_id))
+
+
+@router.delete(
+    "/{session_id}",
+    status_code=204,
+    summary="Delete a session",
+    responses=problems(401, 404, 503),
+)
+async def delete_session(session_id: SessionId, tenant: Tenant, engine: EngineDep) -> Response:
+    await engine.delete(tenant, session_id)
+    return Response(status_code=204)
+
+
+@router.get(
+    "/{session_id}/params",
+    summary="Read the current params",
+    response_model=ParamsResponse,
+    responses={
+        **_tensor_response(
+            "ParamsResponse", "safetensors: the params; __metadata__ step and version"
+        ),
+        **problems(401, 404, 503),
+    },
+)
+async def get_params(
+    session_id: SessionId, request: Request, tenant: Tenant, engine: EngineDep
+) -> Response:
+    binary = wants_binary(request.headers.get("accept"))
+    return _send(await engine.read_params(tenant, session_id, binary))
+
+
+@router.post(
+    "/{session_id}/step",
+    summary="Apply one optimizer step",
+    response_model=StepResponse,
+    responses={
+        **_tensor_response(
+            "StepResponse",
+            "safetensors: params or updates; __metadata__ step, version, lr, skipped, "
+            "grad_norm, clipped, return",
+        ),
+        **problems(400, 401, 404, 409, 413, 415, 422, 503),
+    },
+    openapi_extra=_binary_body(
+        "StepRequest",
+        "safetensors: the grads as tensors; __metadata__ may hold loss (a number as a "
+        "string) and return",
+    ),
+)
+async def step(
+    session_id: SessionId,
+    request: Request,
+    tenant: Tenant,
+    engine: EngineDep,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    """Apply a gradient; answers step, version, the lr used, and params or updates."""
+    body = await request.body()
+    call = StepCall(
+        tenant=tenant,
+        session_id=session_id,
+        body=body,
+        content_type=request.headers.get("content-type"),
+        binary_response=wants_binary(request.headers.get("accept")),
+        idempotency_key=idempotency_key,
+        method=request.method,
+        path=request.url.path,
+    )
+    return _send(await engine.step(call))

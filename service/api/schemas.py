@@ -1,0 +1,306 @@
+"""Request and response models of the v1 API (API.md), with examples for OpenAPI.
+
+Tensors travel as nested lists of numbers (`Tensor`); pydantic passes them through as
+they are (no per-element validation, which would be slow): `service.api.codecs` turns
+each into a NumPy array and refuses ragged or non-numeric ones naming the tensor.
+
+The optimizer and schedule specs are plain objects here; the core validates them
+(`parse_hyper`, `parse_schedule`) and the API reports each field at fault under
+`["body", "optimizer", ...]` / `["body", "schedule", ...]`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+
+from service.core.transforms import GradientTransforms
+
+_TENSOR_SCHEMA: dict[str, Any] = {
+    "description": (
+        "A tensor: a number (shape []) or a nested list of numbers whose nesting gives "
+        "the shape ([[1, 2], [3, 4]] is shape [2, 2]). Non-finite values are refused."
+    ),
+    "anyOf": [{"type": "number"}, {"type": "array", "items": {}}],
+    "examples": [[[0.1, -0.2], [0.3, 0.4]]],
+}
+
+#: a tensor as JSON (validated by the codecs, not by pydantic)
+Tensor = Annotated[Any, WithJsonSchema(_TENSOR_SCHEMA)]
+TensorSet = dict[str, Tensor]
+
+Dtype = Literal["float32", "float64"]
+NonFinitePolicy = Literal["error", "skip"]
+ReturnKind = Literal["params", "updates", "none"]
+
+OptimizerSpec = Annotated[
+    dict[str, Any],
+    Field(
+        description=(
+            "`name` and any hyperparameters, named as in torch.optim; those not given "
+            "take the PyTorch (or reference implementation) default."
+        ),
+        examples=[{"name": "adam", "lr": 0.001, "betas": [0.9, 0.999], "weight_decay": 0.0}],
+    ),
+]
+ScheduleSpec = Annotated[
+    dict[str, Any],
+    Field(
+        description=(
+            "`name` and the schedule's parameters (torch.optim.lr_scheduler names where "
+            'PyTorch has it); any schedule may carry `"warmup": {"steps": N, '
+            '"start_factor": f}`.'
+        ),
+        examples=[{"name": "cosine_decay", "decay_steps": 1000, "warmup": {"steps": 100}}],
+    ),
+]
+
+
+class CreateSession(BaseModel):
+    """`POST /v1/sessions` (JSON form).
+
+    In binary form (`application/octet-stream`) the safetensors tensors are `params` and
+    `__metadata__` carries `optimizer`, `schedule` and `transforms` as JSON strings and
+    `dtype` and `nonfinite` as plain strings.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "optimizer": {"name": "adam", "lr": 0.001, "betas": [0.9, 0.999]},
+                    "schedule": {
+                        "name": "cosine_decay",
+                        "decay_steps": 1000,
+                        "warmup": {"steps": 100},
+                    },
+                    "params": {"w": [[0.1, -0.2], [0.3, 0.4]], "b": [0.0, 0.0]},
+                    "dtype": "float32",
+                }
+            ]
+        },
+    )
+
+    optimizer: OptimizerSpec
+    schedule: ScheduleSpec | None = None
+    params: TensorSet = Field(description="initial values of every tensor, by name")
+    dtype: Dtype = Field("float32", description="dtype of the params and optimizer state")
+    transforms: GradientTransforms | None = Field(
+        None, description="gradient clipping applied before every step (extension)"
+    )
+    nonfinite: NonFinitePolicy | None = Field(
+        None,
+        description=(
+            'a gradient holding NaN/inf: refuse the step with 422 ("error", default) or '
+            'commit a skipped step that changes nothing but the version ("skip") (extension)'
+        ),
+    )
+
+
+class StepRequest(BaseModel):
+    """`POST /v1/sessions/{id}/step` (JSON form).
+
+    In binary form the safetensors tensors are `grads` and `__metadata__` may carry
+    `loss` (a number as a string) and `return`.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        json_schema_extra={
+            "examples": [
+                {"grads": {"w": [[0.01, 0.02], [0.03, 0.04]], "b": [0.1, -0.1]}, "loss": 0.73}
+            ]
+        },
+    )
+
+    grads: TensorSet = Field(description="a gradient for every parameter, registered shapes")
+    loss: float | None = Field(
+        None, description="optional; advances loss-driven schedules (plateau)"
+    )
+    return_: ReturnKind = Field(
+        "params", alias="return", description="what the response carries besides the counters"
+    )
+
+
+class TensorInfo(BaseModel):
+    shape: list[int]
+
+
+class SessionDoc(BaseModel):
+    """A session (`GET /v1/sessions/{id}`, and the answer to create)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "Gq3lq0xZ2yZ6n1m1b0y2cX4pVbq9RkE1",
+                    "step": 0,
+                    "version": 0,
+                    "lr": 0.0,
+                    "optimizer": {
+                        "name": "adam",
+                        "lr": 0.001,
+                        "betas": [0.9, 0.999],
+                        "eps": 1e-08,
+                        "weight_decay": 0.0,
+                        "amsgrad": False,
+                    },
+                    "schedule": {
+                        "name": "cosine_decay",
+                        "decay_steps": 1000,
+                        "alpha": 0.0,
+                        "warmup": {"steps": 100, "start_factor": 0.0},
+                    },
+                    "dtype": "float32",
+                    "params": {"w": {"shape": [2, 2]}, "b": {"shape": [2]}},
+                }
+            ]
+        }
+    )
+
+    id: str
+    step: int = Field(description="steps applied")
+    version: int = Field(description="bumped by every committed change (skipped steps too)")
+    lr: float = Field(description="the rate the next step will use")
+    optimizer: dict[str, Any] = Field(description="every hyperparameter, defaults filled")
+    schedule: dict[str, Any] | None = Field(description="as given, defaults filled")
+    dtype: Dtype
+    params: dict[str, TensorInfo]
+    transforms: dict[str, Any] = Field(description="gradient transforms (extension)")
+    nonfinite: NonFinitePolicy = Field(description="non-finite gradient policy (extension)")
+    skipped: int = Field(0, description="steps skipped for non-finite gradients (extension)")
+    created_at: float = Field(0.0, description="Unix time (extension)")
+    updated_at: float = Field(0.0, description="Unix time (extension)")
+
+
+class StepResponse(BaseModel):
+    """The answer to a step: `params` or `updates` (new minus old) or neither."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "step": 1,
+                    "version": 1,
+                    "lr": 0.001,
+                    "skipped": False,
+                    "grad_norm": 0.158,
+                    "clipped": False,
+                    "params": {"w": [[0.099, -0.201], [0.299, 0.399]], "b": [-0.001, 0.001]},
+                }
+            ]
+        }
+    )
+
+    step: int
+    version: int
+    lr: float = Field(description="the rate used by this step (the schedule at t = step - 1)")
+    skipped: bool = Field(False, description="the gradient was non-finite and skipped")
+    grad_norm: float | None = Field(
+        None, description="norm of the incoming gradient (null when non-finite) (extension)"
+    )
+    clipped: bool = Field(False, description="clipping changed the gradient (extension)")
+    params: TensorSet | None = Field(None, description='with "return": "params" (default)')
+    updates: TensorSet | None = Field(None, description='with "return": "updates"')
+
+
+class ParamsResponse(BaseModel):
+    """`GET /v1/sessions/{id}/params`."""
+
+    step: int
+    version: int
+    params: TensorSet
+
+
+class PreviewRequest(BaseModel):
+    """`POST /v1/schedules/preview`."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "lr": 0.1,
+                    "schedule": {"name": "step", "step_size": 30, "gamma": 0.1},
+                    "steps": 100,
+                }
+            ]
+        },
+    )
+
+    lr: Annotated[float, Field(ge=0, allow_inf_nan=False)] = Field(
+        0.001, description="the optimizer's lr (default 0.001, PyTorch's Adam/SGD default)"
+    )
+    schedule: ScheduleSpec
+    steps: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        100, description="rates for steps 0 .. steps-1 (at most 100000)"
+    )
+
+
+class PreviewResponse(BaseModel):
+    lrs: list[float] = Field(description="the rate at steps 0 .. steps-1")
+    momenta: list[float] | None = Field(
+        None, description="the cycled momentum / beta1 per step, if the schedule cycles one"
+    )
+
+
+class Health(BaseModel):
+    status: str
+    store: str | None = None
+
+
+class ProblemField(BaseModel):
+    loc: list[str | int] = Field(description='where, e.g. ["body", "optimizer", "betas", 0]')
+    msg: str
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem (`application/problem+json`): every refusal of the API."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "type": "urn:optserve:problem:validation-error",
+                    "title": "Invalid request",
+                    "status": 422,
+                    "detail": "betas[0] must be in [0, 1): got 1.2",
+                    "errors": [
+                        {
+                            "loc": ["body", "optimizer", "betas", 0],
+                            "msg": "must be in [0, 1): got 1.2",
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[ProblemField]
+
+
+__all__ = [
+    "CreateSession",
+    "Dtype",
+    "Health",
+    "NonFinitePolicy",
+    "ParamsResponse",
+    "PreviewRequest",
+    "PreviewResponse",
+    "Problem",
+    "ProblemField",
+    "ReturnKind",
+    "SessionDoc",
+    "StepRequest",
+    "StepResponse",
+    "Tensor",
+    "TensorInfo",
+    "TensorSet",
+]

@@ -1,0 +1,153 @@
+"""The FastAPI application: `create_app(settings, store)`, and `app_factory` for uvicorn.
+
+The lifespan opens the state store (the Redis store when `settings.redis_url` is set,
+else the in-process store, the embedded default whose state is lost on exit), logs which
+one as its first line, and warms the numba kernels in a worker thread (in each worker
+process, after uvicorn forked it: GNU OpenMP is not fork-safe). Routers: sessions and
+schedules under `/v1`, health and metrics outside. Every refusal is problem+json
+(`service.api.errors`), JSON is rendered by orjson.
+
+`optserve serve` runs `uvicorn service.app:app_factory --factory`: each worker builds
+its app from the `OPTSERVE_*` environment, which the command sets from its flags.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio.to_thread
+from fastapi import FastAPI
+from pydantic.json_schema import models_json_schema
+
+from service.api import metrics, routes_health, routes_schedules, routes_sessions
+from service.api.codecs import FastJSONResponse
+from service.api.engine import Engine
+from service.api.errors import BodyLimit, install_handlers
+from service.api.schemas import CreateSession, Problem, StepRequest
+from service.config import Settings, get_settings
+from service.store.base import StateStore, StoreUnavailable
+
+log = logging.getLogger("optserve")
+
+DESCRIPTION = (
+    "An optimizer as a service: register params, send gradients, get the new params "
+    "and the learning rate used. Tensors travel as JSON nested lists or as safetensors "
+    "(`application/octet-stream`). Errors are RFC 9457 problem+json."
+)
+
+
+def make_store(settings: Settings) -> StateStore:
+    """The store the settings ask for (imported lazily: only the one in use is loaded)."""
+    if settings.redis_url:
+        from service.store.redis_store import RedisStore
+
+        return RedisStore(settings.redis_url, chunk_bytes=settings.chunk_bytes)
+    from service.store.memory import MemoryStore
+
+    return MemoryStore()
+
+
+def describe_store(settings: Settings, store: StateStore) -> str:
+    """The log line naming the store in use (a Redis password is never printed)."""
+    kind = type(store).__name__
+    if kind == "MemoryStore":
+        return "store: in-process (embedded default; state is lost on exit)"
+    url = getattr(store, "url", None) or settings.redis_url
+    if kind == "RedisStore" and isinstance(url, str):
+        return f"store: redis at {redact_url(url)}"
+    return f"store: {getattr(store, 'name', kind)}"
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password replaced by `***`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def create_app(settings: Settings | None = None, store: StateStore | None = None) -> FastAPI:
+    """The application. `store` (if given) is used instead of the one the settings name;
+    either way the app opens it on startup and closes it on shutdown."""
+    settings = settings or get_settings()
+    the_store = store
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        nonlocal the_store
+        if the_store is None:
+            the_store = make_store(settings)
+        log.info(describe_store(settings, the_store))
+        try:
+            await the_store.open()
+        except StoreUnavailable as exc:
+            log.warning("the store does not answer yet (%s): /readyz says 503 until it does", exc)
+        app.state.engine = Engine(settings, the_store)
+        from service.core.optim import kernels
+
+        seconds = await anyio.to_thread.run_sync(kernels.warm_up)
+        log.info("optimizer kernels ready in %.2f s (pid %d)", seconds, os.getpid())
+        try:
+            yield
+        finally:
+            await the_store.close()
+            metrics.mark_process_dead(os.getpid())
+
+    app = FastAPI(
+        title="optserve",
+        version="1",
+        summary="An optimizer as a service",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        default_response_class=FastJSONResponse,
+    )
+    app.dependency_overrides[get_settings] = lambda: settings
+    install_handlers(app, settings)
+    app.include_router(routes_sessions.router)
+    app.include_router(routes_schedules.router)
+    app.include_router(routes_health.router)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(metrics.RequestMetrics)
+    _extend_openapi(app)
+    return app
+
+
+def _extend_openapi(app: FastAPI) -> None:
+    """Add the schemas the routes reference by hand (raw bodies, problem+json)."""
+    default = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = default()
+        _, extra = models_json_schema(
+            [(CreateSession, "validation"), (StepRequest, "validation"), (Problem, "validation")],
+            ref_template="#/components/schemas/{model}",
+        )
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name, definition in extra.get("$defs", {}).items():
+            components.setdefault(name, definition)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def app_factory() -> FastAPI:
+    """For uvicorn (`factory=True`): settings from the `OPTSERVE_*` environment."""
+    settings = get_settings()
+    level = settings.log_level.upper()
+    logging.basicConfig(
+        level=logging.DEBUG if level == "TRACE" else level,
+        format="%(levelname)s:     %(name)s: %(message)s",
+    )
+    return create_app(settings)
