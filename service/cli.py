@@ -226,6 +226,20 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ[f"OPTSERVE_{name.upper()}"] = "true" if value is True else str(value)
     import uvicorn
 
+    from service.app import redact_url
+
+    # the first line a user sees says where the state lives
+    store = (
+        f"redis at {redact_url(settings.redis_url)}"
+        if settings.redis_url
+        else "in-process (embedded default; state is lost on exit)"
+    )
+    print(
+        f"optserve: store: {store}; serving on http://{settings.host}:{settings.port} "
+        f"with {settings.workers} worker(s)",
+        file=sys.stderr,
+        flush=True,
+    )
     uvicorn.run(
         "service.app:app_factory",
         factory=True,
