@@ -127,7 +127,7 @@ class LRFinderConfig(BaseModel):
     * `diverge_th` (5) > 1: stop when the smoothed loss exceeds `diverge_th` times the best.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
     start_lr: Annotated[float, interval(0.0, lo_open=True)] = 1e-7
     end_lr: Annotated[float, interval(0.0, lo_open=True)] = 10.0

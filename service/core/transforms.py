@@ -39,13 +39,20 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from service.core.errors import CoreError
 from service.core.layout import FlatLayout, FloatArray
 
 #: added to the norm before dividing, as torch.nn.utils.clip_grad_norm_ does
 NORM_EPS = 1e-6
+
+
+def _inf_from_text(value: object) -> object:
+    """JSON has no infinity: accept the string "inf" (or "infinity") for the max norm."""
+    if isinstance(value, str) and value.strip().lower() in {"inf", "+inf", "infinity"}:
+        return math.inf
+    return value
 
 
 class GradientTransforms(BaseModel):
@@ -60,10 +67,10 @@ class GradientTransforms(BaseModel):
     only detect it.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     clip_norm: Annotated[float | None, Field(gt=0, allow_inf_nan=False)] = None
-    norm_type: Annotated[float, Field(gt=0)] = 2.0
+    norm_type: Annotated[float, BeforeValidator(_inf_from_text), Field(gt=0)] = 2.0
     per_tensor: bool = False
     clip_value: Annotated[float | None, Field(gt=0, allow_inf_nan=False)] = None
     nonfinite: Literal["error", "skip"] = "error"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, Strict
 from pydantic_core import PydanticCustomError
 
 
@@ -46,14 +46,21 @@ def interval(
     return AfterValidator(check)
 
 
+#: specs are validated strictly (`SPEC_CONFIG`): a number must be a JSON number (an int
+#: is fine for a float), a flag a JSON boolean; "0.1" or 0 for False are refused. Pairs
+#: such as `betas` accept a JSON list, their elements stay strict.
 #: a number >= 0 (learning rates, eps, weight decay, ...)
 NonNeg = Annotated[float, interval(0.0)]
 #: a number > 0
 Positive = Annotated[float, interval(0.0, lo_open=True)]
 #: a decay rate in [0, 1) (Adam's betas, torch's check)
-Beta = Annotated[float, interval(0.0, 1.0, hi_open=True)]
+Beta = Annotated[float, Strict(), interval(0.0, 1.0, hi_open=True)]
 #: a fraction in [0, 1]
-UnitInterval = Annotated[float, interval(0.0, 1.0)]
+UnitInterval = Annotated[float, Strict(), interval(0.0, 1.0)]
+#: `betas`: two decay rates, from a list or a tuple
+BetaPair = Annotated[tuple[Beta, Beta], Field(strict=False)]
+#: two fractions in [0, 1] (Lion's betas)
+UnitPair = Annotated[tuple[UnitInterval, UnitInterval], Field(strict=False)]
 #: a whole number >= 1 / >= 0
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]

@@ -119,3 +119,25 @@ def test_message_states_the_rule() -> None:
         parse_hyper({"name": "adadelta", "rho": 1.2})
     with pytest.raises(HyperparameterError, match=r"betas\[0\] must be in \[0, 1\): got 1"):
         parse_hyper({"name": "nadam", "betas": (1.0, 0.999)})
+
+
+@pytest.mark.parametrize(
+    ("spec", "loc"),
+    [
+        ({"name": "adam", "lr": "0.1"}, ("lr",)),
+        ({"name": "adam", "amsgrad": 1}, ("amsgrad",)),
+        ({"name": "sgd", "nesterov": "true"}, ("nesterov",)),
+        ({"name": "adam", "betas": ["0.9", 0.999]}, ("betas", 0)),
+    ],
+)
+def test_specs_are_strict_about_types(spec: dict[str, Any], loc: tuple[Any, ...]) -> None:
+    """A JSON string is not a number and 1 is not True: both are refused, naming the field."""
+    with pytest.raises(HyperparameterError) as info:
+        parse_hyper(spec)
+    assert info.value.errors[0]["loc"] == loc
+
+
+def test_betas_come_as_a_json_list_and_ints_are_numbers() -> None:
+    hp = parse_hyper({"name": "adam", "lr": 1, "betas": [0, 0.5]})
+    assert hp.lr == 1.0
+    assert hp.betas == (0.0, 0.5)  # type: ignore[attr-defined]

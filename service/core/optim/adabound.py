@@ -10,7 +10,7 @@ from service.core.layout import FlatLayout
 from service.core.optim.base import Hyper, Optimizer
 from service.core.optim.ops import descent_grad, ema_sq_
 from service.core.state import OptState
-from service.core.validators import Beta, NonNeg, Positive, interval
+from service.core.validators import BetaPair, NonNeg, Positive, interval
 
 Gamma = Annotated[float, interval(0.0, 1.0, lo_open=True, hi_open=True)]
 
@@ -23,7 +23,7 @@ class AdaBoundHyper(Hyper):
 
     name: Literal["adabound"] = "adabound"
     lr: Positive = 1e-3
-    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    betas: BetaPair = (0.9, 0.999)
     final_lr: NonNeg = 0.1
     gamma: Gamma = 1e-3
     eps: NonNeg = 1e-8
@@ -130,7 +130,7 @@ class AMSBound(AdaBound):
     """
 
     name = "amsbound"
-    hyper = AMSBoundHyper
+    hyper = AMSBoundHyper  # type: ignore[assignment]  # strict __init__ differs (Literal[True] field)
     reference: ClassVar[str] = (
         "Luo et al. 2019, Adaptive Gradient Methods with Dynamic Bound of Learning Rate; "
         "Luolc/AdaBound adabound.AdaBound(amsbound=True)"

@@ -11,7 +11,7 @@ from service.core.optim import kernels
 from service.core.optim.base import Hyper, Optimizer
 from service.core.optim.ops import descent_grad, ema_sq_, lerp_
 from service.core.state import OptState
-from service.core.validators import Beta, NonNeg
+from service.core.validators import BetaPair, NonNeg
 
 
 class AdamHyper(Hyper):
@@ -19,7 +19,7 @@ class AdamHyper(Hyper):
 
     name: Literal["adam"] = "adam"
     lr: NonNeg = 1e-3
-    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    betas: BetaPair = (0.9, 0.999)
     eps: NonNeg = 1e-8
     weight_decay: NonNeg = 0.0
     amsgrad: bool = False
@@ -120,5 +120,5 @@ class AdamW(Adam):
     """
 
     name = "adamw"
-    hyper = AdamWHyper
+    hyper = AdamWHyper  # type: ignore[assignment]  # strict __init__ differs (Literal[True] field)
     reference: ClassVar[str] = "torch.optim.AdamW"

@@ -10,7 +10,7 @@ from service.core.layout import FlatLayout
 from service.core.optim.base import Hyper, Optimizer
 from service.core.optim.ops import descent_grad, lerp_
 from service.core.state import OptState
-from service.core.validators import Beta, NonNeg
+from service.core.validators import BetaPair, NonNeg
 
 
 class AdamaxHyper(Hyper):
@@ -18,7 +18,7 @@ class AdamaxHyper(Hyper):
 
     name: Literal["adamax"] = "adamax"
     lr: NonNeg = 2e-3
-    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    betas: BetaPair = (0.9, 0.999)
     eps: NonNeg = 1e-8
     weight_decay: NonNeg = 0.0
     maximize: bool = False

@@ -35,7 +35,7 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 class Hyper(BaseModel):
     """Base of every optimizer's hyperparameters: frozen, no unknown keys, finite numbers."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
     name: str
     lr: float

@@ -10,7 +10,7 @@ from service.core.layout import FlatLayout
 from service.core.optim.base import Hyper, Optimizer
 from service.core.optim.ops import ema_sq_, negate_if
 from service.core.state import OptState
-from service.core.validators import Beta, NonNeg
+from service.core.validators import BetaPair, NonNeg
 
 
 class LambHyper(Hyper):
@@ -18,7 +18,7 @@ class LambHyper(Hyper):
 
     name: Literal["lamb"] = "lamb"
     lr: NonNeg = 1e-3
-    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    betas: BetaPair = (0.9, 0.999)
     eps: NonNeg = 1e-6
     weight_decay: NonNeg = 0.0
     maximize: bool = False

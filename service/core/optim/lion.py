@@ -10,7 +10,7 @@ from service.core.layout import FlatLayout
 from service.core.optim.base import Hyper, Optimizer
 from service.core.optim.ops import negate_if
 from service.core.state import OptState
-from service.core.validators import NonNeg, UnitInterval
+from service.core.validators import NonNeg, UnitPair
 
 
 class LionHyper(Hyper):
@@ -18,7 +18,7 @@ class LionHyper(Hyper):
 
     name: Literal["lion"] = "lion"
     lr: NonNeg = 1e-4
-    betas: tuple[UnitInterval, UnitInterval] = (0.9, 0.99)
+    betas: UnitPair = (0.9, 0.99)
     weight_decay: NonNeg = 0.0
     maximize: bool = False
 

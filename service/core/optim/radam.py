@@ -10,7 +10,7 @@ from service.core.layout import FlatLayout
 from service.core.optim.base import Hyper, Optimizer
 from service.core.optim.ops import descent_grad, ema_sq_, lerp_
 from service.core.state import OptState
-from service.core.validators import Beta, NonNeg
+from service.core.validators import BetaPair, NonNeg
 
 
 class RAdamHyper(Hyper):
@@ -18,7 +18,7 @@ class RAdamHyper(Hyper):
 
     name: Literal["radam"] = "radam"
     lr: NonNeg = 1e-3
-    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    betas: BetaPair = (0.9, 0.999)
     eps: NonNeg = 1e-8
     weight_decay: NonNeg = 0.0
     decoupled_weight_decay: bool = False

@@ -11,7 +11,7 @@ from service.core.layout import FlatLayout
 from service.core.optim.base import Hyper, Optimizer
 from service.core.optim.ops import descent_grad, ema_sq_
 from service.core.state import OptState
-from service.core.validators import Beta, NonNeg, Positive
+from service.core.validators import BetaPair, NonNeg, Positive
 
 
 class SWATSHyper(Hyper):
@@ -23,7 +23,7 @@ class SWATSHyper(Hyper):
 
     name: Literal["swats"] = "swats"
     lr: Positive = 1e-3
-    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    betas: BetaPair = (0.9, 0.999)
     eps: NonNeg = 1e-8
     weight_decay: NonNeg = 0.0
     amsgrad: bool = False

@@ -10,7 +10,7 @@ from service.core.layout import FlatLayout
 from service.core.optim.base import Hyper, Optimizer
 from service.core.optim.ops import negate_if
 from service.core.state import OptState
-from service.core.validators import Beta, NonNeg
+from service.core.validators import BetaPair, NonNeg
 
 
 class YogiHyper(Hyper):
@@ -18,7 +18,7 @@ class YogiHyper(Hyper):
 
     name: Literal["yogi"] = "yogi"
     lr: NonNeg = 1e-2
-    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    betas: BetaPair = (0.9, 0.999)
     eps: NonNeg = 1e-3
     initial_accumulator_value: NonNeg = 1e-6
     maximize: bool = False

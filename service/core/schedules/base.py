@@ -33,7 +33,7 @@ ScheduleState = dict[str, float | int | bool]
 class Warmup(BaseModel):
     """Linear warm-up before any schedule: `base_lr * (f + (1 - f) * t / steps)`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
     steps: PositiveInt
     start_factor: UnitInterval = 0.0
@@ -42,7 +42,7 @@ class Warmup(BaseModel):
 class Schedule(BaseModel):
     """Base of every schedule spec: frozen, no unknown keys, finite numbers."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
     name: str
     warmup: Warmup | None = None
