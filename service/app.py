@@ -17,18 +17,15 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio.to_thread
 from fastapi import FastAPI
-from pydantic.json_schema import models_json_schema
 
-from service.api import metrics, routes_health, routes_schedules, routes_sessions
+from service.api import metrics, openapi, routes_health, routes_schedules, routes_sessions
 from service.api.codecs import FastJSONResponse
 from service.api.engine import Engine
 from service.api.errors import BodyLimit, install_handlers
-from service.api.schemas import CreateSession, Problem, StepRequest
 from service.config import Settings, get_settings
 from service.store.base import StateStore, StoreUnavailable
 
@@ -117,29 +114,8 @@ def create_app(settings: Settings | None = None, store: StateStore | None = None
     app.include_router(routes_health.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(metrics.RequestMetrics)
-    _extend_openapi(app)
+    openapi.install(app)
     return app
-
-
-def _extend_openapi(app: FastAPI) -> None:
-    """Add the schemas the routes reference by hand (raw bodies, problem+json)."""
-    default = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
-        schema = default()
-        _, extra = models_json_schema(
-            [(CreateSession, "validation"), (StepRequest, "validation"), (Problem, "validation")],
-            ref_template="#/components/schemas/{model}",
-        )
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for name, definition in extra.get("$defs", {}).items():
-            components.setdefault(name, definition)
-        app.openapi_schema = schema
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def app_factory() -> FastAPI:

@@ -8,11 +8,14 @@ optserve schedule preview --lr 0.1 --spec '{"name": "step", "step_size": 30}' --
                                   print a schedule's rates (and momenta) per step [--json]
 optserve schedule plot --lr 0.1 --spec '...' --steps 100 -o schedule.png
                                   write the schedule as a PNG plot [--current-step N]
+optserve openapi [-o openapi.yaml]
+                                  print (or write) the OpenAPI document as YAML
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import ipaddress
 import json
 import math
@@ -170,6 +173,29 @@ def _schedule_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _openapi(args: argparse.Namespace) -> int:
+    """The app's OpenAPI document as YAML (sorted keys: the same document, the same bytes)."""
+    if importlib.util.find_spec("yaml") is None:
+        print("optserve openapi: needs PyYAML (pip install pyyaml)", file=sys.stderr)
+        return 1
+    from service.api.openapi import to_yaml
+    from service.app import create_app
+    from service.config import Settings
+
+    # the document does not depend on the settings: take the defaults, not the environment
+    text = to_yaml(create_app(Settings.model_construct()).openapi())
+    if args.output == "-":
+        sys.stdout.write(text)
+        return 0
+    try:
+        Path(args.output).write_bytes(text.encode("utf-8"))
+    except OSError as exc:
+        print(f"optserve openapi: cannot write {args.output}: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.output} ({len(text.encode('utf-8'))} bytes)")
+    return 0
+
+
 _LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
 
 
@@ -314,6 +340,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             p.add_argument("-o", "--output", required=True, help="PNG file to write")
             p.add_argument("--current-step", type=int, default=None, help="step to mark")
+    spec = sub.add_parser("openapi", help="print or write the OpenAPI document (YAML)")
+    spec.add_argument(
+        "-o", "--output", default="-", help="file to write (default: standard output)"
+    )
+    spec.set_defaults(func=_openapi)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

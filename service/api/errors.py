@@ -38,6 +38,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import Settings
@@ -255,9 +256,14 @@ _STATUS_PROBLEMS: dict[int, tuple[str, str]] = {
 }
 
 
-async def _http_exception(_: Request, exc: Exception) -> Response:
+async def _http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     slug, title = _STATUS_PROBLEMS.get(exc.status_code, ("http-error", "HTTP error"))
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        allowed = _allowed_methods(request)
+        if allowed:
+            headers["Allow"] = ", ".join(allowed)
     body = {
         "type": _TYPE_PREFIX + slug,
         "title": title,
@@ -265,7 +271,21 @@ async def _http_exception(_: Request, exc: Exception) -> Response:
         "detail": str(exc.detail),
         "errors": [],
     }
-    return problem_response(exc.status_code, body, dict(exc.headers or {}))
+    return problem_response(exc.status_code, body, headers)
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method served at the request's path. (Starlette's 405 names only those of
+    the first route matching the path: `GET` for `/v1/sessions/{id}`, not `DELETE`.)"""
+    routes = getattr(request.scope.get("router"), "routes", ())
+    return [
+        method
+        for method in _METHODS
+        if any(r.matches({**request.scope, "method": method})[0] is Match.FULL for r in routes)
+    ]
 
 
 async def _unhandled(request: Request, exc: Exception) -> Response:

@@ -19,7 +19,9 @@ router = APIRouter(tags=["health"])
 STORE_TIMEOUT = 2.0
 
 
-@router.get("/healthz", response_model=Health, summary="The process is alive")
+@router.get(
+    "/healthz", response_model=Health, summary="The process is alive", operation_id="healthz"
+)
 async def healthz() -> Health:
     return Health(status="ok")
 
@@ -28,6 +30,7 @@ async def healthz() -> Health:
     "/readyz",
     response_model=Health,
     summary="The state store is reachable",
+    operation_id="readyz",
     responses=problems(503),
 )
 async def readyz(engine: EngineDep, settings: SettingsDep) -> Health:
@@ -42,8 +45,14 @@ async def readyz(engine: EngineDep, settings: SettingsDep) -> Health:
 @router.get(
     "/metrics",
     summary="Prometheus metrics (text format)",
+    operation_id="metrics",
     response_class=Response,
-    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+    responses={
+        200: {
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "description": "Prometheus text format",
+        }
+    },
 )
 async def prometheus_metrics(engine: EngineDep) -> Response:
     with suppress(StoreUnavailable, TimeoutError), anyio.fail_after(STORE_TIMEOUT):

@@ -25,6 +25,7 @@ router = APIRouter(prefix="/v1/schedules", tags=["schedules"], dependencies=[Dep
     "/preview",
     response_model=PreviewResponse,
     summary="Preview a schedule's rates",
+    operation_id="previewSchedule",
     responses=problems(400, 401, 413, 415, 422),
 )
 async def preview(request: PreviewRequest, _: Tenant, engine: EngineDep) -> PreviewResponse:

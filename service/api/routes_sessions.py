@@ -69,11 +69,15 @@ def _send(reply: Reply) -> Response:
     status_code=201,
     response_model=SessionDoc,
     summary="Create a session",
+    operation_id="createSession",
     responses=problems(400, 401, 413, 415, 422, 503),
     openapi_extra=_binary_body(
         "CreateSession",
-        "safetensors: the params as tensors; __metadata__ holds optimizer, schedule and "
-        "transforms as JSON strings, dtype and nonfinite as strings",
+        "The tensors are the initial `params` (any float or integer dtype, cast to `dtype`; "
+        "the name `__metadata__` is reserved). `__metadata__` keys: `optimizer` (required; "
+        'the optimizer spec as a JSON string, e.g. `{"name": "adam", "lr": 0.001}`), '
+        "`schedule` and `transforms` (optional; JSON strings), `dtype` (`float32` or "
+        "`float64`) and `nonfinite` (`error` or `skip`).",
     ),
 )
 async def create_session(request: Request, tenant: Tenant, engine: EngineDep) -> Response:
@@ -87,6 +91,7 @@ async def create_session(request: Request, tenant: Tenant, engine: EngineDep) ->
     "/{session_id}",
     response_model=SessionDoc,
     summary="Read a session",
+    operation_id="getSession",
     responses=problems(401, 404, 503),
 )
 async def get_session(session_id: SessionId, tenant: Tenant, engine: EngineDep) -> Response:
@@ -98,6 +103,7 @@ async def get_session(session_id: SessionId, tenant: Tenant, engine: EngineDep) 
     "/{session_id}",
     status_code=204,
     summary="Delete a session",
+    operation_id="deleteSession",
     responses=problems(401, 404, 503),
 )
 async def delete_session(session_id: SessionId, tenant: Tenant, engine: EngineDep) -> Response:
@@ -108,10 +114,13 @@ async def delete_session(session_id: SessionId, tenant: Tenant, engine: EngineDe
 @router.get(
     "/{session_id}/params",
     summary="Read the current params",
+    operation_id="getParams",
     response_model=ParamsResponse,
     responses={
         **_tensor_response(
-            "ParamsResponse", "safetensors: the params; __metadata__ step and version"
+            "ParamsResponse",
+            "The tensors are the params, in the session's dtype (F32 or F64). `__metadata__` "
+            "keys: `step`, `version` (integers as strings).",
         ),
         **problems(401, 404, 503),
     },
@@ -126,19 +135,24 @@ async def get_params(
 @router.post(
     "/{session_id}/step",
     summary="Apply one optimizer step",
+    operation_id="stepSession",
     response_model=StepResponse,
     responses={
         **_tensor_response(
             "StepResponse",
-            "safetensors: params or updates; __metadata__ step, version, lr, skipped, "
-            "grad_norm, clipped, return",
+            "The tensors are the new params (`return: params`, the default), the updates "
+            "(`return: updates`, new minus old params) or none (`return: none`), in the "
+            "session's dtype. `__metadata__` keys (strings): `step`, `version`, `lr`, "
+            "`skipped` and `clipped` (`true` / `false`), `grad_norm` (absent when the "
+            "gradient was non-finite) and `return`.",
         ),
         **problems(400, 401, 404, 409, 413, 415, 422, 503),
     },
     openapi_extra=_binary_body(
         "StepRequest",
-        "safetensors: the grads as tensors; __metadata__ may hold loss (a number as a "
-        "string) and return",
+        "The tensors are the `grads`, one per parameter with its registered shape. "
+        "`__metadata__` keys (optional): `loss` (a number written as a string, e.g. "
+        '`"0.73"`) and `return` (`params`, `updates` or `none`).',
     ),
 )
 async def step(

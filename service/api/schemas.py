@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
+from service.core.optim import OPTIMIZERS
+from service.core.schedules import SCHEDULES
 from service.core.transforms import GradientTransforms
 
 _TENSOR_SCHEMA: dict[str, Any] = {
@@ -42,6 +44,10 @@ OptimizerSpec = Annotated[
             "take the PyTorch (or reference implementation) default."
         ),
         examples=[{"name": "adam", "lr": 0.001, "betas": [0.9, 0.999], "weight_decay": 0.0}],
+        json_schema_extra={
+            "required": ["name"],
+            "properties": {"name": {"type": "string", "enum": sorted(OPTIMIZERS)}},
+        },
     ),
 ]
 ScheduleSpec = Annotated[
@@ -53,6 +59,10 @@ ScheduleSpec = Annotated[
             '"start_factor": f}`.'
         ),
         examples=[{"name": "cosine_decay", "decay_steps": 1000, "warmup": {"steps": 100}}],
+        json_schema_extra={
+            "required": ["name"],
+            "properties": {"name": {"type": "string", "enum": sorted(SCHEDULES)}},
+        },
     ),
 ]
 
@@ -70,7 +80,12 @@ class CreateSession(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "optimizer": {"name": "adam", "lr": 0.001, "betas": [0.9, 0.999]},
+                    "optimizer": {
+                        "name": "adam",
+                        "lr": 0.001,
+                        "betas": [0.9, 0.999],
+                        "weight_decay": 0.0,
+                    },
                     "schedule": {
                         "name": "cosine_decay",
                         "decay_steps": 1000,
@@ -85,7 +100,12 @@ class CreateSession(BaseModel):
 
     optimizer: OptimizerSpec
     schedule: ScheduleSpec | None = None
-    params: TensorSet = Field(description="initial values of every tensor, by name")
+    params: TensorSet = Field(
+        description="initial values of every tensor, by name",
+        # documented only: the binary form validates an empty `params` here (its tensors
+        # travel apart), and the engine says which rule a request breaks
+        json_schema_extra={"minProperties": 1, "propertyNames": {"not": {"const": "__metadata__"}}},
+    )
     dtype: Dtype = Field("float32", description="dtype of the params and optimizer state")
     transforms: GradientTransforms | None = Field(
         None, description="gradient clipping applied before every step (extension)"
@@ -118,7 +138,7 @@ class StepRequest(BaseModel):
 
     grads: TensorSet = Field(description="a gradient for every parameter, registered shapes")
     loss: float | None = Field(
-        None, description="optional; advances loss-driven schedules (plateau)"
+        None, strict=True, description="optional; advances loss-driven schedules (plateau)"
     )
     return_: ReturnKind = Field(
         "params", alias="return", description="what the response carries besides the counters"
@@ -147,6 +167,8 @@ class SessionDoc(BaseModel):
                         "eps": 1e-08,
                         "weight_decay": 0.0,
                         "amsgrad": False,
+                        "maximize": False,
+                        "decoupled_weight_decay": False,
                     },
                     "schedule": {
                         "name": "cosine_decay",
@@ -156,6 +178,16 @@ class SessionDoc(BaseModel):
                     },
                     "dtype": "float32",
                     "params": {"w": {"shape": [2, 2]}, "b": {"shape": [2]}},
+                    "transforms": {
+                        "clip_norm": None,
+                        "norm_type": 2.0,
+                        "per_tensor": False,
+                        "clip_value": None,
+                    },
+                    "nonfinite": "error",
+                    "skipped": 0,
+                    "created_at": 1795266012.1014316,
+                    "updated_at": 1795266012.1014316,
                 }
             ]
         }
@@ -231,11 +263,11 @@ class PreviewRequest(BaseModel):
         },
     )
 
-    lr: Annotated[float, Field(ge=0, allow_inf_nan=False)] = Field(
+    lr: Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)] = Field(
         0.001, description="the optimizer's lr (default 0.001, PyTorch's Adam/SGD default)"
     )
     schedule: ScheduleSpec
-    steps: Annotated[int, Field(ge=1, le=100_000)] = Field(
+    steps: Annotated[int, Field(ge=1, le=100_000, strict=True)] = Field(
         100, description="rates for steps 0 .. steps-1 (at most 100000)"
     )
 

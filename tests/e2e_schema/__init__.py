@@ -1,0 +1,1 @@
+"""Schemathesis against a real `optserve serve` process, driven by `openapi.yaml`."""
