@@ -18,8 +18,9 @@ from redis.crc import key_slot
 
 from service.store.base import SessionBlobs, StoreUnavailable
 from service.store.redis_store import DamagedSession, RedisStore
-from tests.store.conftest import CHUNK, REDIS_URL, PrivateRedis
+from tests.store.conftest import CHUNK, REDIS_URL
 from tests.store.test_contract import commit_next, make_blobs, make_meta, record
+from tests.support.redis_server import PrivateRedis
 
 pytestmark = pytest.mark.asyncio
 
@@ -272,3 +273,22 @@ async def test_pool_connections_survive_a_restart(private_redis: PrivateRedis) -
         assert await store.count_sessions() == 8
     finally:
         await store.close()
+
+
+async def test_a_record_written_after_recorded_fails_the_commit(
+    redis_store: RedisStore, raw_redis: aioredis.Redis
+) -> None:
+    """The record key is watched with meta: if another request records the same key
+    between our read and our EXEC, our commit is a conflict and writes nothing."""
+    sid = "race"
+    meta = make_meta(sid)
+    await redis_store.create(meta, make_blobs(), ttl=60)
+    async with redis_store.transaction(sid, ttl=60) as tx:
+        assert await tx.load() is not None
+        assert await tx.recorded("k") is None
+        await raw_redis.set(redis_store._keys.idem(sid, "k"), record("k").to_bytes())
+        ok = await tx.commit(meta.evolve(version=1, step=1), None, record("k"), 60)
+    assert ok is False
+    stored = await redis_store.get_meta(sid)
+    assert stored is not None
+    assert stored.version == 0
