@@ -428,13 +428,11 @@ class Engine:
                         return self._replay(record, fp), "replayed"
                     raise IdempotencyInFlight()
                 claimed = True
-                # the first request may have committed between our look and our claim
-                record = await self._record(sid, key)
-                if record is not None:
-                    return self._replay(record, fp), "replayed"
-            reply, skipped = await self._apply(call, spec, step_input, fp)
-            committed = True
-            return reply, "skipped" if skipped else "applied"
+                # a first request that committed between our look and our claim is found
+                # inside the transaction (`tx.recorded`), which also covers an expired claim
+            reply, outcome = await self._apply(call, spec, step_input, fp)
+            committed = outcome != "replayed"  # a replay leaves our claim to release
+            return reply, outcome
         finally:
             if claimed and not committed and key is not None:
                 self._round_trip("release_idempotency")
@@ -443,7 +441,7 @@ class Engine:
 
     async def _apply(
         self, call: StepCall, spec: Spec, step_input: StepInput, fp: str | None
-    ) -> tuple[Reply, bool]:
+    ) -> tuple[Reply, str]:
         sid, key = call.session_id, call.idempotency_key
         big = spec.layout.total > OFFLOAD_ELEMENTS
         for _ in range(self.settings.max_commit_retries):
@@ -456,6 +454,12 @@ class Engine:
                 meta, blobs = loaded
                 if blobs is None and (cached is None or cached.version != meta.version):
                     raise RuntimeError(f"store returned no blobs for version {meta.version}")
+                if key is not None and fp is not None:
+                    # our claim may have expired while we ran and a retry committed the
+                    # key: answer from its record rather than apply the gradient twice
+                    recorded = await tx.recorded(key)
+                    if recorded is not None:
+                        return self._replay(recorded, fp), "replayed"
                 done = await self._offload(
                     big, self._compute, spec, meta, blobs, cached, step_input, call.binary_response
                 )
@@ -472,7 +476,7 @@ class Engine:
                 )
             if ok:
                 self.cache.put(sid, done.cached)
-                return done.reply, done.skipped
+                return done.reply, "skipped" if done.skipped else "applied"
             m.VERSION_CONFLICTS.inc()
         raise VersionConflict(
             f"the session changed under this step {self.settings.max_commit_retries} times "

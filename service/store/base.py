@@ -141,6 +141,15 @@ class SessionTx(Protocol):
         """
         ...
 
+    async def recorded(self, key: str) -> IdempotencyRecord | None:
+        """The idempotency record of `key`, read inside this transaction (after `load`).
+
+        If a record for `key` is committed by anyone after this read, this transaction's
+        commit fails as a conflict: a step whose claim expired while it ran cannot be
+        applied a second time by a retry that claimed the key anew.
+        """
+        ...
+
     async def commit(
         self,
         meta: SessionMeta,

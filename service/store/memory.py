@@ -96,6 +96,13 @@ class _MemoryTx:
             return meta, None
         return meta, SessionBlobs(entry.params, entry.state)
 
+    async def recorded(self, key: str) -> IdempotencyRecord | None:
+        # records are written only by commits of this session, which this transaction's
+        # lock keeps out until it ends: what is read here stays true until our commit
+        if self._done or not self._loaded:
+            raise RuntimeError("recorded() needs a loaded, open transaction")
+        return await self._store.get_idempotency(self._sid, key)
+
     async def commit(
         self,
         meta: SessionMeta,

@@ -301,6 +301,9 @@ class _LosingTx:
     ) -> tuple[SessionMeta, SessionBlobs | None] | None:
         return await self.tx.load(have_version)
 
+    async def recorded(self, key: str) -> IdempotencyRecord | None:
+        return await self.tx.recorded(key)
+
     async def commit(
         self,
         meta: SessionMeta,

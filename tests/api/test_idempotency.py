@@ -99,3 +99,35 @@ async def test_concurrent_steps_without_keys_all_apply(api: Api) -> None:
     assert all(r.status_code == 200 for r in replies)
     assert sorted(r.json()["version"] for r in replies) == [1, 2, 3, 4, 5]
     assert (await api.params(sid))["x"].tolist() == [-2.5]
+
+
+async def test_a_key_recorded_while_the_step_ran_is_replayed_not_reapplied(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step whose claim expired while it ran, and whose key a retry recorded meanwhile,
+    must not apply the gradient again: the record is re-read inside the transaction.
+
+    Simulated by hiding the record from every look the engine makes before its
+    transaction (as if it committed just after them)."""
+    sid = (await api.create({"optimizer": ADAM, "params": PARAMS}))["id"]
+    headers = {"Idempotency-Key": "slow-step"}
+    first = await api.step(sid, {"grads": GRADS}, headers=headers)
+    assert first.status_code == 200
+    engine = api.app.state.engine
+
+    async def no_record(session_id: str, key: str) -> None:
+        return None
+
+    monkeypatch.setattr(engine, "_record", no_record)
+    again = await api.step(sid, {"grads": GRADS}, headers=headers)
+    assert again.status_code == 200
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.content == first.content
+    assert await api.version(sid) == 1
+    # the replay released our claim: the next new-key step is not blocked
+    r = await api.step(sid, {"grads": GRADS}, headers={"Idempotency-Key": "next"})
+    assert r.status_code == 200
+    assert r.json()["version"] == 2
+    # and the same key again is still free of claims (no 409)
+    monkeypatch.undo()
+    assert (await api.step(sid, {"grads": GRADS}, headers=headers)).status_code == 200

@@ -414,3 +414,17 @@ async def test_a_failed_or_cancelled_transaction_releases_the_session(store: Sto
         await tx.load()
     with pytest.raises(RuntimeError):
         await tx.load()
+
+
+async def test_recorded_reads_the_key_inside_the_transaction(store: Store) -> None:
+    """A step re-checks its key in the transaction: a record committed by a retry while
+    this step ran (its claim expired) is seen there, and the step answers from it."""
+    await store.create(make_meta("s1"), make_blobs(), ttl=60)
+    async with store.transaction("s1", ttl=60) as tx:
+        assert await tx.load() is not None
+        assert await tx.recorded("k") is None
+    await commit_next(store, "s1", None, idem=record("k"), idem_ttl=60)
+    async with store.transaction("s1", ttl=60) as tx:
+        assert await tx.load() is not None
+        found = await tx.recorded("k")
+        assert found == record("k")
