@@ -22,7 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.api.engine import Engine
 from service.api.errors import Unauthorized
-from service.config import Settings, get_settings
+from service.config import Settings
 
 PUBLIC_TENANT = "public"
 
@@ -55,8 +55,19 @@ _bearer = HTTPBearer(
 )
 
 
-def get_tenant(
-    settings: Annotated[Settings, Depends(get_settings)],
+async def app_settings(request: Request) -> Settings:
+    """The settings the application was made with (`create_app` keeps them in app.state).
+
+    An `async def` reading app.state, not a `dependency_overrides` entry: FastAPI
+    re-analyses every sub-dependency per request when overrides are set, and runs a
+    plain `def` dependency in the thread pool; together that was a third of a small
+    step's CPU (measured with py-spy under wrk, benchmarks/service.py)."""
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+async def get_tenant(
+    settings: Annotated[Settings, Depends(app_settings)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
     """The requesting tenant (401 when keys are configured and none valid was sent)."""
@@ -66,7 +77,7 @@ def get_tenant(
     return tenant_for(f"Bearer {token}" if token else None, settings.api_keys)
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     """The application's engine (made by `create_app`)."""
     engine: Engine = request.app.state.engine
     return engine
@@ -74,7 +85,7 @@ def get_engine(request: Request) -> Engine:
 
 #: the tenant a request acts for
 Tenant = Annotated[str, Depends(get_tenant)]
-#: the application's settings (override `get_settings` in tests, or pass to create_app)
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+#: the application's settings (pass them to create_app)
+SettingsDep = Annotated[Settings, Depends(app_settings)]
 #: the domain engine (store, cache, metrics)
 EngineDep = Annotated[Engine, Depends(get_engine)]

@@ -293,10 +293,19 @@ async def _unhandled(request: Request, exc: Exception) -> Response:
     return render(ApiError("internal server error"))
 
 
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    """The client closed the connection before sending its whole body: nobody is left to
+    answer, and nothing was applied. Not a server error: no traceback, no 500."""
+    log.info("client disconnected during %s %s", request.method, request.url.path)
+    return Response(status_code=400)
+
+
 def install_handlers(app: Starlette, settings: Settings) -> None:
     """Register every problem+json handler on `app` (a FastAPI application)."""
     from fastapi.exceptions import RequestValidationError
+    from starlette.requests import ClientDisconnect
 
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(CoreError, _core_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

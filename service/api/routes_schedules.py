@@ -10,7 +10,7 @@ from service.api.errors import UnsupportedMediaType, field_error, problems
 from service.api.schemas import PreviewRequest, PreviewResponse
 
 
-def json_only(request: Request) -> None:
+async def json_only(request: Request) -> None:
     """415 unless the body is JSON (as the session routes do; FastAPI would say 422)."""
     content_type = request.headers.get("content-type")
     if is_binary(content_type):
