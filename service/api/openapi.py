@@ -45,7 +45,7 @@ from service.api.errors import (
     field_error,
     invalid,
 )
-from service.api.schemas import CreateSession, Problem, StepRequest
+from service.api.schemas import SESSION_EXAMPLE, CreateSession, Problem, StepRequest
 
 Doc = dict[str, Any]
 
@@ -103,36 +103,8 @@ _CREATE = {
     "dtype": "float32",
 }
 _GRADS = {"w": [[0.01, 0.02], [0.03, 0.04]], "b": [0.1, -0.1]}
-_SESSION_ID = "SBkXXGsj-4ri2ntgCzbuEpG46oOCXFDe"
-_SESSION = {
-    "id": _SESSION_ID,
-    "step": 0,
-    "version": 0,
-    "lr": 0.0,
-    "optimizer": {
-        "name": "adam",
-        "lr": 0.001,
-        "betas": [0.9, 0.999],
-        "eps": 1e-08,
-        "weight_decay": 0.0,
-        "amsgrad": False,
-        "maximize": False,
-        "decoupled_weight_decay": False,
-    },
-    "schedule": {
-        "name": "cosine_decay",
-        "warmup": {"steps": 100, "start_factor": 0.0},
-        "decay_steps": 1000,
-        "alpha": 0.0,
-    },
-    "dtype": "float32",
-    "params": {"w": {"shape": [2, 2]}, "b": {"shape": [2]}},
-    "transforms": {"clip_norm": None, "norm_type": 2.0, "per_tensor": False, "clip_value": None},
-    "nonfinite": "error",
-    "skipped": 0,
-    "created_at": 1795266012.1014316,
-    "updated_at": 1795266012.1014316,
-}
+_SESSION = SESSION_EXAMPLE
+_SESSION_ID = SESSION_EXAMPLE["id"]
 _PARAMS_3 = {
     "w": [[0.099970005, -0.20003], [0.29997, 0.39997]],
     "b": [-2.9999996e-05, 2.9999996e-05],

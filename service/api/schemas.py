@@ -149,49 +149,42 @@ class TensorInfo(BaseModel):
     shape: list[int]
 
 
+#: a session document as the server answers create and GET (shared with openapi.py)
+SESSION_EXAMPLE: dict[str, Any] = {
+    "id": "SBkXXGsj-4ri2ntgCzbuEpG46oOCXFDe",
+    "step": 0,
+    "version": 0,
+    "lr": 0.0,
+    "optimizer": {
+        "name": "adam",
+        "lr": 0.001,
+        "betas": [0.9, 0.999],
+        "eps": 1e-08,
+        "weight_decay": 0.0,
+        "amsgrad": False,
+        "maximize": False,
+        "decoupled_weight_decay": False,
+    },
+    "schedule": {
+        "name": "cosine_decay",
+        "warmup": {"steps": 100, "start_factor": 0.0},
+        "decay_steps": 1000,
+        "alpha": 0.0,
+    },
+    "dtype": "float32",
+    "params": {"w": {"shape": [2, 2]}, "b": {"shape": [2]}},
+    "transforms": {"clip_norm": None, "norm_type": 2.0, "per_tensor": False, "clip_value": None},
+    "nonfinite": "error",
+    "skipped": 0,
+    "created_at": 1795266012.1014316,
+    "updated_at": 1795266012.1014316,
+}
+
+
 class SessionDoc(BaseModel):
     """A session (`GET /v1/sessions/{id}`, and the answer to create)."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "id": "Gq3lq0xZ2yZ6n1m1b0y2cX4pVbq9RkE1",
-                    "step": 0,
-                    "version": 0,
-                    "lr": 0.0,
-                    "optimizer": {
-                        "name": "adam",
-                        "lr": 0.001,
-                        "betas": [0.9, 0.999],
-                        "eps": 1e-08,
-                        "weight_decay": 0.0,
-                        "amsgrad": False,
-                        "maximize": False,
-                        "decoupled_weight_decay": False,
-                    },
-                    "schedule": {
-                        "name": "cosine_decay",
-                        "decay_steps": 1000,
-                        "alpha": 0.0,
-                        "warmup": {"steps": 100, "start_factor": 0.0},
-                    },
-                    "dtype": "float32",
-                    "params": {"w": {"shape": [2, 2]}, "b": {"shape": [2]}},
-                    "transforms": {
-                        "clip_norm": None,
-                        "norm_type": 2.0,
-                        "per_tensor": False,
-                        "clip_value": None,
-                    },
-                    "nonfinite": "error",
-                    "skipped": 0,
-                    "created_at": 1795266012.1014316,
-                    "updated_at": 1795266012.1014316,
-                }
-            ]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra={"examples": [SESSION_EXAMPLE]})
 
     id: str
     step: int = Field(description="steps applied")

@@ -128,6 +128,31 @@ class IdempotencyRecord:
         return cls(head["key"], head["fingerprint"], head["status"], head["headers"], data[4 + n :])
 
 
+def check_commit(
+    *,
+    done: bool,
+    loaded: bool,
+    found: bool,
+    session_id: str,
+    loaded_version: int,
+    meta: SessionMeta,
+) -> None:
+    """The preconditions of `SessionTx.commit` that every store enforces alike."""
+    if done:
+        raise RuntimeError("this transaction is over; open a new one")
+    if not loaded:
+        raise RuntimeError("commit() before load()")
+    if not found:
+        raise RuntimeError("commit() on a session that load() did not find")
+    if meta.id != session_id:
+        raise ValueError(f"meta.id {meta.id!r} is not this transaction's session")
+    if meta.version != loaded_version + 1:
+        raise ValueError(
+            f"meta.version must be the loaded version + 1 ({loaded_version + 1}),"
+            f" not {meta.version}"
+        )
+
+
 class SessionTx(Protocol):
     """One attempt at a version-checked update of one session."""
 

@@ -34,6 +34,7 @@ from service.store.base import (
     SessionBlobs,
     SessionMeta,
     SessionTx,
+    check_commit,
 )
 
 if TYPE_CHECKING:
@@ -110,23 +111,18 @@ class _MemoryTx:
         idempotency: IdempotencyRecord | None = None,
         idempotency_ttl: int | None = None,
     ) -> bool:
-        if self._done:
-            raise RuntimeError("this transaction is over; open a new one")
-        if not self._loaded:
-            raise RuntimeError("commit() before load()")
-        if self._entry is None:
-            raise RuntimeError("commit() on a session that load() did not find")
-        if meta.id != self._sid:
-            raise ValueError(f"meta.id {meta.id!r} is not this transaction's session")
-        if meta.version != self._version + 1:
-            raise ValueError(
-                f"meta.version must be the loaded version + 1 ({self._version + 1}),"
-                f" not {meta.version}"
-            )
+        check_commit(
+            done=self._done,
+            loaded=self._loaded,
+            found=self._entry is not None,
+            session_id=self._sid,
+            loaded_version=self._version,
+            meta=meta,
+        )
         self._done = True
         store = self._store
         entry = store._live(self._sid)
-        if entry is not self._entry or entry.version != self._version:
+        if entry is None or entry is not self._entry or entry.version != self._version:
             return False
         # From here on nothing awaits: the whole write is one step of the event loop.
         meta_json = meta.to_json()

@@ -95,6 +95,7 @@ from service.store.base import (
     SessionMeta,
     SessionTx,
     StoreUnavailable,
+    check_commit,
 )
 from service.store.keys import DEFAULT_PREFIX, Keys
 
@@ -268,20 +269,16 @@ class _RedisTx:
         idempotency: IdempotencyRecord | None = None,
         idempotency_ttl: int | None = None,
     ) -> bool:
-        if self._done:
-            raise RuntimeError("this transaction is over; open a new one")
-        if not self._loaded:
-            raise RuntimeError("commit() before load()")
         stored = self._stored
-        if stored is None:
-            raise RuntimeError("commit() on a session that load() did not find")
-        if meta.id != self._sid:
-            raise ValueError(f"meta.id {meta.id!r} is not this transaction's session")
-        if meta.version != stored.version + 1:
-            raise ValueError(
-                f"meta.version must be the loaded version + 1 ({stored.version + 1}),"
-                f" not {meta.version}"
-            )
+        check_commit(
+            done=self._done,
+            loaded=self._loaded,
+            found=stored is not None,
+            session_id=self._sid,
+            loaded_version=-1 if stored is None else stored.version,
+            meta=meta,
+        )
+        assert stored is not None
         self._done = True
         store = self._store
         conn = self._conn
