@@ -9,7 +9,7 @@ import numpy as np
 from service.core.layout import FlatLayout
 from service.core.optim import kernels
 from service.core.optim.base import Hyper, Optimizer
-from service.core.optim.ops import descent_grad, ema_sq_, lerp_
+from service.core.optim.ops import adam_moments_, descent_grad
 from service.core.state import OptState
 from service.core.validators import BetaPair, NonNeg
 
@@ -85,9 +85,7 @@ class Adam(Optimizer[AdamHyper]):
             weight_decay=hp.weight_decay,
             decoupled=hp.decoupled_weight_decay,
         )
-        exp_avg, exp_avg_sq = state.arrays["exp_avg"], state.arrays["exp_avg_sq"]
-        lerp_(exp_avg, grad, 1.0 - beta1)
-        ema_sq_(exp_avg_sq, grad, beta2)
+        exp_avg, exp_avg_sq = adam_moments_(state.arrays, grad, hp.betas)
         step_size = lr / (1.0 - beta1**step)
         bias_correction2_sqrt = (1.0 - beta2**step) ** 0.5
         second = exp_avg_sq

@@ -8,7 +8,7 @@ import numpy as np
 
 from service.core.layout import FlatLayout
 from service.core.optim.base import Hyper, Optimizer
-from service.core.optim.ops import descent_grad, ema_sq_, lerp_
+from service.core.optim.ops import adam_moments_, descent_grad
 from service.core.state import OptState
 from service.core.validators import BetaPair, NonNeg
 
@@ -88,9 +88,7 @@ class NAdam(Optimizer[NAdamHyper]):
         dtype = params.dtype.type
         mu_product = float(dtype(state.scalars["mu_product"]) * dtype(mu))
         state.scalars["mu_product"] = mu_product
-        exp_avg, exp_avg_sq = state.arrays["exp_avg"], state.arrays["exp_avg_sq"]
-        lerp_(exp_avg, grad, 1.0 - beta1)
-        ema_sq_(exp_avg_sq, grad, beta2)
+        exp_avg, exp_avg_sq = adam_moments_(state.arrays, grad, hp.betas)
         denom = np.sqrt(exp_avg_sq / bias_correction2)
         mu_product_next = mu_product * mu_next
         denom += hp.eps

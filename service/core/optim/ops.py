@@ -50,6 +50,18 @@ def descent_grad(
     return l2_(grad, params, weight_decay)
 
 
+def adam_moments_(
+    state_arrays: dict[str, np.ndarray], grad: np.ndarray, betas: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Adam's moment updates in place, as torch's Adam/NAdam/RAdam write them:
+    `exp_avg.lerp_(grad, 1 - beta1)`, `exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)`.
+    Returns `(exp_avg, exp_avg_sq)`."""
+    exp_avg, exp_avg_sq = state_arrays["exp_avg"], state_arrays["exp_avg_sq"]
+    lerp_(exp_avg, grad, 1.0 - betas[0])
+    ema_sq_(exp_avg_sq, grad, betas[1])
+    return exp_avg, exp_avg_sq
+
+
 def negate_if(grads: np.ndarray, maximize: bool) -> np.ndarray:
     """The gradient to descend: `-grads` when maximizing (a new array; `grads` is untouched)."""
     return -grads if maximize else grads

@@ -8,7 +8,7 @@ import numpy as np
 
 from service.core.layout import FlatLayout
 from service.core.optim.base import Hyper, Optimizer
-from service.core.optim.ops import descent_grad, ema_sq_, lerp_
+from service.core.optim.ops import adam_moments_, descent_grad
 from service.core.state import OptState
 from service.core.validators import BetaPair, NonNeg
 
@@ -77,9 +77,7 @@ class RAdam(Optimizer[RAdamHyper]):
             weight_decay=hp.weight_decay,
             decoupled=hp.decoupled_weight_decay,
         )
-        exp_avg, exp_avg_sq = state.arrays["exp_avg"], state.arrays["exp_avg_sq"]
-        lerp_(exp_avg, grad, 1.0 - beta1)
-        ema_sq_(exp_avg_sq, grad, beta2)
+        exp_avg, exp_avg_sq = adam_moments_(state.arrays, grad, hp.betas)
         bias_correction1 = 1.0 - beta1**step
         bias_correction2 = 1.0 - beta2**step
         bias_corrected_exp_avg = exp_avg / bias_correction1

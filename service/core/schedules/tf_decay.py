@@ -25,6 +25,12 @@ from service.core.validators import NonNeg, NonNegInt, PositiveInt, interval
 DecayFactor = Annotated[float, interval(0.0, 1.0)]
 
 
+def _progress(t: int, decay_steps: int, staircase: bool) -> float:
+    """TF's `global_step / decay_steps`, floored when `staircase`."""
+    p = float(t) / float(decay_steps)
+    return float(math.floor(p)) if staircase else p
+
+
 class ExponentialDecaySchedule(Schedule):
     """``lr(t) = base_lr * decay_rate ** p`` with ``p = t / decay_steps``
     (``p = floor(t / decay_steps)`` if ``staircase``).
@@ -44,9 +50,7 @@ class ExponentialDecaySchedule(Schedule):
     reference: ClassVar[str] = "tf.keras.optimizers.schedules.ExponentialDecay"
 
     def value(self, t: int, base_lr: float, state: ScheduleState | None) -> float:
-        p = float(t) / float(self.decay_steps)
-        if self.staircase:
-            p = math.floor(p)
+        p = _progress(t, self.decay_steps, self.staircase)
         return base_lr * math.pow(self.decay_rate, p)
 
 
@@ -71,9 +75,7 @@ class NaturalExpDecaySchedule(Schedule):
     reference: ClassVar[str] = "tf.compat.v1.train.natural_exp_decay"
 
     def value(self, t: int, base_lr: float, state: ScheduleState | None) -> float:
-        p = float(t) / float(self.decay_steps)
-        if self.staircase:
-            p = math.floor(p)
+        p = _progress(t, self.decay_steps, self.staircase)
         return base_lr * math.exp(-self.decay_rate * p)
 
 
@@ -96,9 +98,7 @@ class InverseTimeDecaySchedule(Schedule):
     reference: ClassVar[str] = "tf.keras.optimizers.schedules.InverseTimeDecay"
 
     def value(self, t: int, base_lr: float, state: ScheduleState | None) -> float:
-        p = float(t) / float(self.decay_steps)
-        if self.staircase:
-            p = math.floor(p)
+        p = _progress(t, self.decay_steps, self.staircase)
         return base_lr / (1.0 + self.decay_rate * p)
 
 
