@@ -148,6 +148,16 @@ def metadata_number(metadata: Mapping[str, str], key: str, loc: Loc) -> float | 
         raise invalid(loc, f"must be a number written as a string, not {text!r}") from None
 
 
+def metadata_bool(metadata: Mapping[str, str], key: str, loc: Loc) -> bool:
+    """A flag carried as `"true"` / `"false"` in safetensors `__metadata__` (absent: false)."""
+    text = metadata.get(key)
+    if text is None or text == "false":
+        return False
+    if text == "true":
+        return True
+    raise invalid(loc, f'must be "true" or "false", not {text!r}')
+
+
 def _kind(value: Any) -> str:
     if value is None:
         return "null"
@@ -254,6 +264,7 @@ __all__ = [
     "json_tensor",
     "load_binary",
     "load_json",
+    "metadata_bool",
     "metadata_number",
     "wants_binary",
 ]

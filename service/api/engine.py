@@ -30,6 +30,22 @@ params and state unchanged), then `optimizer.update(..., inplace=False)`. A loss
 schedule (`plateau`) observes the step's `loss` after the update; without a loss it
 does not advance.
 
+**Tensors without a gradient** (`"skip_missing": true`; PyTorch skips a parameter whose
+`.grad` is None). `grads` may then omit tensors: the flat update runs with zeros in
+their segments, after which their segments of the params and of every optimizer state
+array are put back as they were, bit for bit, so an omitted tensor is not touched at
+all (no weight decay, no momentum decay). The update itself is elementwise per
+segment for every optimizer here, or per tensor (LAMB's trust ratio), and clipping
+norms see zeros there, so the tensors given are updated exactly as torch updates the
+parameters that have a gradient. The session's counters still advance: `step` and
+every scalar state (Adam's `step`, NAdam's `mu_product`, ...) are per session, not per
+tensor as in torch, so a tensor skipped at some steps later gets bias corrections for
+the session's step count, where torch would use the count of its own updates. A state
+array made lazily on first use (SGD's `momentum_buffer`) that does not exist before
+the step is made for every tensor, zeros in an omitted one; torch makes it later,
+from that tensor's first gradient, which is the same buffer unless `dampening` > 0.
+Without the flag a missing tensor is refused (422), as API.md says.
+
 **Idempotency** (decision 4; REFERENCES.md). With an `Idempotency-Key`, the request's
 fingerprint is sha256 over method, path and body. A stored record with the same
 fingerprint is replayed byte for byte (status, headers, body, plus
@@ -255,6 +271,8 @@ class StepInput:
     grads: np.ndarray
     loss: float | None
     ret: str
+    #: tensors the request gave no gradient for (`skip_missing`), in layout order
+    missing: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -518,6 +536,10 @@ class Engine:
             new_params, new_state = spec.optimizer.update(
                 spec.hyper_at(t), result.grads, state, params, lr, spec.layout, inplace=False
             )
+            if step_input.missing:
+                _restore_segments(
+                    spec.layout, step_input.missing, params, state, new_params, new_state
+                )
             if spec.schedule is not None and spec.schedule.stateful and loss is not None:
                 assert schedule_state is not None
                 schedule_state = spec.schedule.observe(schedule_state, loss)
@@ -686,12 +708,19 @@ class Engine:
             ret = metadata.get("return", "params")
             if ret not in ("params", "updates", "none"):
                 raise invalid(["body", "return"], f"must be params, updates or none: got {ret!r}")
+            skip_missing = codecs.metadata_bool(metadata, "skip_missing", ["body", "skip_missing"])
         else:
             request = _validate(StepRequest, codecs.load_json(body))
             arrays = {
                 n: codecs.json_tensor(v, ["body", "grads", n]) for n, v in request.grads.items()
             }
-            loss, ret = request.loss, request.return_
+            loss, ret, skip_missing = request.loss, request.return_, request.skip_missing
+        missing: tuple[str, ...] = ()
+        if skip_missing:
+            missing = tuple(n for n in spec.layout.names if n not in arrays)
+            if missing:  # zeros in their segments; `_compute` puts them back afterwards
+                zeros = {n: np.zeros(spec.layout[n].shape, spec.dtype) for n in missing}
+                arrays = {**arrays, **zeros}
         try:
             with np.errstate(over="ignore"):
                 grads = spec.layout.flatten(arrays, spec.dtype)
@@ -703,7 +732,7 @@ class Engine:
             raise _nonfinite_grads(*find_nonfinite(grads, spec.layout))
         if finite and loss is not None and not math.isfinite(loss):
             raise invalid(["body", "loss"], f"must be a finite number: got {loss}")
-        return StepInput(grads, loss, ret)
+        return StepInput(grads, loss, ret, missing)
 
     # helpers ----------------------------------------------------------------------------
 
@@ -762,6 +791,29 @@ def _validate(model: type[M], data: Any) -> M:
             errors.append(field_error(["body", *loc], error["msg"]))
             parts.append(f"{'.'.join(map(str, loc))}: {error['msg']}")
         raise Invalid("; ".join(parts), errors) from None
+
+
+def _restore_segments(
+    layout: FlatLayout,
+    names: tuple[str, ...],
+    params: np.ndarray,
+    state: OptState,
+    new_params: np.ndarray,
+    new_state: OptState,
+) -> None:
+    """Put the segments of `names` back as they were before the step, in `new_params`
+    and in every array of `new_state` (both are the step's own copies: `update(...,
+    inplace=False)`); an array made by this step (a lazy buffer) gets zeros there, not
+    what a zero gradient (plus weight decay) made of it."""
+    for name in names:
+        seg = layout[name]
+        if seg.size == 0:
+            continue
+        lo, hi = seg.offset, seg.stop
+        new_params[lo:hi] = params[lo:hi]
+        for key, array in new_state.arrays.items():
+            old = state.arrays.get(key)
+            array[lo:hi] = 0 if old is None else old[lo:hi]
 
 
 def _nonfinite_grads(count: int, names: list[str]) -> Invalid:

@@ -123,7 +123,13 @@ class StepRequest(BaseModel):
     """`POST /v1/sessions/{id}/step` (JSON form).
 
     In binary form the safetensors tensors are `grads` and `__metadata__` may carry
-    `loss` (a number as a string) and `return`.
+    `loss` (a number as a string), `return` and `skip_missing` (`"true"` / `"false"`).
+
+    With `skip_missing` (extension), `grads` may omit tensors, as PyTorch skips a
+    parameter whose `.grad` is None: an omitted tensor keeps its params and every
+    optimizer state segment bit for bit. The session's step counter still advances, so
+    unlike torch's per-parameter step counts, a tensor skipped at some steps later gets
+    bias corrections (Adam, ...) for the session's step.
     """
 
     model_config = ConfigDict(
@@ -136,12 +142,26 @@ class StepRequest(BaseModel):
         },
     )
 
-    grads: TensorSet = Field(description="a gradient for every parameter, registered shapes")
+    grads: TensorSet = Field(
+        description=(
+            "a gradient for every parameter (or some of them, with `skip_missing`), "
+            "registered shapes"
+        )
+    )
     loss: float | None = Field(
         None, strict=True, description="optional; advances loss-driven schedules (plateau)"
     )
     return_: ReturnKind = Field(
         "params", alias="return", description="what the response carries besides the counters"
+    )
+    skip_missing: bool = Field(
+        False,
+        strict=True,
+        description=(
+            "let `grads` omit tensors (torch's parameters whose .grad is None): those keep "
+            "their params and optimizer state bit for bit, while the session's step counter "
+            "still advances (bias corrections use the session's step) (extension)"
+        ),
     )
 
 
