@@ -8,6 +8,9 @@ import pytest
 
 from tests.support.redis_server import PrivateRedis, free_port, redis_server_missing
 
+#: the live `optserve serve` fixtures (memory_server, redis_server), shared by every package
+pytest_plugins = ["tests.support.live_fixtures"]
+
 
 @pytest.fixture
 def private_redis() -> Iterator[PrivateRedis]:
