@@ -14,7 +14,7 @@ transaction.
 
 **The step transaction** (decision 3). Up to `settings.max_commit_retries` times: inside
 `store.transaction(id)`, `load()` the session, passing the version this replica holds
-in its cache (`SessionCache`, an LRU bounded by count and bytes) so that the blobs are
+in its cache (`cache.SessionCache`, an LRU bounded by count and bytes) so that the blobs are
 not read again when it is current; compute the step; `commit()` meta (step + 1, version
 + 1, schedule state), blobs and the idempotency record at once, if the version is still
 the loaded one. On a conflict, load and compute again. The cache is refreshed only
@@ -63,37 +63,33 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio.to_thread
 import numpy as np
-import orjson
-from pydantic import BaseModel, ValidationError
 
 from service.api import codecs
 from service.api import metrics as m
+from service.api.cache import Cached, SessionCache
 from service.api.codecs import Reply
 from service.api.errors import (
     IdempotencyInFlight,
     IdempotencyMismatch,
-    Invalid,
     SessionNotFound,
     VersionConflict,
-    field_error,
     invalid,
-    layout_error,
     spec_error,
 )
-from service.api.schemas import CreateSession, PreviewRequest, StepRequest
+from service.api.parsing import StepInput, nonfinite_grads, parse_create, parse_step
+from service.api.schemas import PreviewRequest
+from service.api.spec import Spec, decode_schedule_state, encode_schedule_state
 from service.config import Settings
-from service.core import FlatLayout, GradientTransforms, apply_transforms, find_nonfinite
-from service.core.errors import LayoutError, SpecError
-from service.core.optim import Hyper, Optimizer, get_optimizer, parse_hyper
-from service.core.schedules import Schedule, ScheduleState, parse_schedule
-from service.core.schedules.momentum import supports_momentum, with_momentum
+from service.core import FlatLayout, apply_transforms
+from service.core.errors import SpecError
+from service.core.schedules import parse_schedule
 from service.core.state import OptState
 from service.store.base import (
     IdempotencyRecord,
@@ -112,141 +108,8 @@ _IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
 #: NumPy work on more elements than this (or bodies over OFFLOAD_BYTES) runs in a thread
 OFFLOAD_ELEMENTS = 1 << 16
 OFFLOAD_BYTES = 1 << 20
-#: the format tag of a stored spec
-SPEC_FORMAT = 1
 #: parsed specs kept in memory (small: layouts and hyperparameters, no tensors)
 SPEC_CACHE_SIZE = 4096
-
-
-# --- the parsed spec of a session --------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Spec:
-    """A session's validated configuration (what `SessionMeta.spec` stores as data)."""
-
-    hp: Hyper
-    optimizer: Optimizer[Any]
-    schedule: Schedule | None
-    dtype: np.dtype[Any]
-    layout: FlatLayout
-    transforms: GradientTransforms
-
-    def stored(self) -> dict[str, Any]:
-        """The spec as JSON-safe data (non-finite floats as strings, which parse back)."""
-        return {
-            "format": SPEC_FORMAT,
-            "optimizer": self.hp.model_dump(mode="json"),
-            "schedule": None if self.schedule is None else self.schedule.model_dump(mode="json"),
-            "dtype": self.dtype.name,
-            "layout": [[s.name, list(s.shape)] for s in self.layout.specs],
-            "transforms": _json_safe(self.transforms.model_dump()),
-            "nonfinite": self.transforms.nonfinite,
-        }
-
-    @classmethod
-    def load(cls, stored: Mapping[str, Any]) -> Spec:
-        hp = parse_hyper(stored["optimizer"])
-        schedule = None if stored.get("schedule") is None else parse_schedule(stored["schedule"])
-        return cls(
-            hp=hp,
-            optimizer=get_optimizer(hp.name),
-            schedule=schedule,
-            dtype=np.dtype(stored["dtype"]),
-            layout=FlatLayout.from_shapes((n, tuple(s)) for n, s in stored["layout"]),
-            transforms=GradientTransforms.model_validate(stored.get("transforms") or {}),
-        )
-
-    def lr(self, t: int, schedule_state: ScheduleState | None) -> float:
-        """The rate of step `t`."""
-        if self.schedule is None:
-            return float(self.hp.lr)
-        return float(self.schedule.lr(t, self.hp.lr, schedule_state))
-
-    def hyper_at(self, t: int) -> Hyper:
-        """The hyperparameters of step `t` (the schedule's cycled momentum, if any)."""
-        if self.schedule is None:
-            return self.hp
-        return with_momentum(self.hp, self.schedule.momentum(t))
-
-
-def _json_safe(value: Any) -> Any:
-    """Non-finite floats as the strings 'inf', '-inf', 'nan' (JSON cannot hold them)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return repr(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def encode_schedule_state(state: ScheduleState | None) -> dict[str, Any] | None:
-    if state is None:
-        return None
-    return {k: _json_safe(v) for k, v in state.items()}
-
-
-def decode_schedule_state(data: Mapping[str, Any] | None) -> ScheduleState | None:
-    if data is None:
-        return None
-    return {k: float(v) if isinstance(v, str) else v for k, v in data.items()}
-
-
-# --- the replica's cache -----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Cached:
-    """A session's state at `version`, as this replica last committed or read it.
-
-    The arrays are never written (steps run with `inplace=False`), so an entry can be
-    shared by concurrent requests.
-    """
-
-    version: int
-    params: np.ndarray
-    state: OptState
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.params.nbytes + sum(a.nbytes for a in self.state.arrays.values()))
-
-
-class SessionCache:
-    """An LRU of session id -> `Cached`, bounded by entry count and total bytes."""
-
-    def __init__(self, max_sessions: int, max_bytes: int) -> None:
-        self.max_sessions = max_sessions
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[str, tuple[Cached, int]] = OrderedDict()
-        self.nbytes = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, session_id: str) -> Cached | None:
-        item = self._entries.get(session_id)
-        if item is None:
-            return None
-        self._entries.move_to_end(session_id)
-        return item[0]
-
-    def put(self, session_id: str, entry: Cached) -> None:
-        self.pop(session_id)
-        size = entry.nbytes
-        if self.max_sessions <= 0 or size > self.max_bytes:
-            return
-        self._entries[session_id] = (entry, size)
-        self.nbytes += size
-        while len(self._entries) > self.max_sessions or self.nbytes > self.max_bytes:
-            _, (_, evicted) = self._entries.popitem(last=False)
-            self.nbytes -= evicted
-
-    def pop(self, session_id: str) -> None:
-        item = self._entries.pop(session_id, None)
-        if item is not None:
-            self.nbytes -= item[1]
 
 
 # --- requests as the engine sees them ----------------------------------------------------
@@ -264,15 +127,6 @@ class StepCall:
     idempotency_key: str | None = None
     method: str = "POST"
     path: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class StepInput:
-    grads: np.ndarray
-    loss: float | None
-    ret: str
-    #: tensors the request gave no gradient for (`skip_missing`), in layout order
-    missing: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -320,7 +174,7 @@ class Engine:
         """Validate a creation request, store the session, return its document."""
         binary = codecs.is_binary(content_type)
         spec, params = await self._offload(
-            len(body) > OFFLOAD_BYTES, self._parse_create, body, binary
+            len(body) > OFFLOAD_BYTES, parse_create, body, binary, self.settings.max_params
         )
         state = await self._offload(
             params.size > OFFLOAD_ELEMENTS, spec.optimizer.init, spec.hp, params, spec.layout
@@ -429,7 +283,7 @@ class Engine:
                 return self._replay(record, fp), "replayed"
         step_input = await self._offload(
             len(call.body) > OFFLOAD_BYTES,
-            self._parse_step,
+            parse_step,
             spec,
             call.body,
             codecs.is_binary(call.content_type),
@@ -523,8 +377,8 @@ class Engine:
         result = apply_transforms(spec.transforms, step_input.grads, spec.layout)
         now = time.time()
         if result.nonfinite:
-            if spec.transforms.nonfinite != "skip":  # refused by _parse_step already
-                raise _nonfinite_grads(result.nonfinite, result.nonfinite_tensors)
+            if spec.transforms.nonfinite != "skip":  # refused by parse_step already
+                raise nonfinite_grads(result.nonfinite, result.nonfinite_tensors)
             new_meta = meta.evolve(
                 version=meta.version + 1, skipped=meta.skipped + 1, updated_at=now
             )
@@ -618,122 +472,6 @@ class Engine:
         self._round_trip("count_sessions")
         return await self.store.count_sessions()
 
-    # parsing ----------------------------------------------------------------------------
-
-    def _parse_create(self, body: bytes, binary: bool) -> tuple[Spec, np.ndarray]:
-        tensors: dict[str, np.ndarray]
-        if binary:
-            raw, metadata = codecs.load_binary(body)
-            data: dict[str, Any] = {"params": {}}
-            for name in ("optimizer", "schedule", "transforms"):
-                if name in metadata:
-                    data[name] = _metadata_json(metadata, name)
-            for name in ("dtype", "nonfinite"):
-                if name in metadata:
-                    data[name] = metadata[name]
-            request = _validate(CreateSession, data)
-            tensors = {n: codecs.binary_tensor(a, ["body", "params", n]) for n, a in raw.items()}
-        else:
-            request = _validate(CreateSession, codecs.load_json(body))
-            tensors = {
-                n: codecs.json_tensor(v, ["body", "params", n]) for n, v in request.params.items()
-            }
-        spec = self._build_spec(request, tensors)
-        with np.errstate(over="ignore"):
-            params = spec.layout.flatten(tensors, spec.dtype)
-        if not np.isfinite(params).all():
-            count, names = find_nonfinite(params, spec.layout)
-            msg = f"holds non-finite values (NaN or inf, or too large for {spec.dtype.name})"
-            raise Invalid(
-                f"{count} non-finite parameter values in {', '.join(map(repr, names))}",
-                [field_error(["body", "params", n], msg) for n in names],
-            )
-        return spec, params
-
-    def _build_spec(self, request: CreateSession, tensors: Mapping[str, np.ndarray]) -> Spec:
-        if not tensors:
-            raise invalid(["body", "params"], "must name at least one tensor")
-        if "__metadata__" in tensors:
-            raise invalid(["body", "params", "__metadata__"], "this tensor name is reserved")
-        try:
-            hp = parse_hyper(request.optimizer)
-        except SpecError as exc:
-            raise spec_error(exc, ["body", "optimizer"]) from None
-        schedule = None
-        if request.schedule is not None:
-            try:
-                schedule = parse_schedule(request.schedule)
-            except SpecError as exc:
-                raise spec_error(exc, ["body", "schedule"]) from None
-            if schedule.momentum(0) is not None and not supports_momentum(hp):
-                raise invalid(
-                    ["body", "schedule", "cycle_momentum"],
-                    f"optimizer {hp.name!r} has neither momentum nor betas to cycle; "
-                    "set cycle_momentum to false",
-                )
-        transforms = request.transforms or GradientTransforms()
-        if request.nonfinite is not None:
-            given = request.transforms is not None and "nonfinite" in transforms.model_fields_set
-            if given and transforms.nonfinite != request.nonfinite:
-                raise invalid(
-                    ["body", "nonfinite"],
-                    f"contradicts transforms.nonfinite ({transforms.nonfinite!r})",
-                )
-            transforms = transforms.model_copy(update={"nonfinite": request.nonfinite})
-        try:
-            layout = FlatLayout.from_shapes((n, a.shape) for n, a in tensors.items())
-        except LayoutError as exc:
-            raise layout_error(exc, ["body", "params"]) from None
-        if layout.total > self.settings.max_params:
-            raise invalid(
-                ["body", "params"],
-                f"{layout.total} parameters in all, over this server's limit of "
-                f"{self.settings.max_params}",
-            )
-        return Spec(
-            hp=hp,
-            optimizer=get_optimizer(hp.name),
-            schedule=schedule,
-            dtype=np.dtype(request.dtype),
-            layout=layout,
-            transforms=transforms,
-        )
-
-    def _parse_step(self, spec: Spec, body: bytes, binary: bool) -> StepInput:
-        arrays: dict[str, np.ndarray]
-        if binary:
-            raw, metadata = codecs.load_binary(body)
-            arrays = {n: codecs.binary_tensor(a, ["body", "grads", n]) for n, a in raw.items()}
-            loss = codecs.metadata_number(metadata, "loss", ["body", "loss"])
-            ret = metadata.get("return", "params")
-            if ret not in ("params", "updates", "none"):
-                raise invalid(["body", "return"], f"must be params, updates or none: got {ret!r}")
-            skip_missing = codecs.metadata_bool(metadata, "skip_missing", ["body", "skip_missing"])
-        else:
-            request = _validate(StepRequest, codecs.load_json(body))
-            arrays = {
-                n: codecs.json_tensor(v, ["body", "grads", n]) for n, v in request.grads.items()
-            }
-            loss, ret, skip_missing = request.loss, request.return_, request.skip_missing
-        missing: tuple[str, ...] = ()
-        if skip_missing:
-            missing = tuple(n for n in spec.layout.names if n not in arrays)
-            if missing:  # zeros in their segments; `_compute` puts them back afterwards
-                zeros = {n: np.zeros(spec.layout[n].shape, spec.dtype) for n in missing}
-                arrays = {**arrays, **zeros}
-        try:
-            with np.errstate(over="ignore"):
-                grads = spec.layout.flatten(arrays, spec.dtype)
-        except LayoutError as exc:
-            raise layout_error(exc, ["body", "grads"]) from None
-        # refuse here, before an idempotency key is claimed or a transaction opened
-        finite = bool(np.isfinite(grads).all())
-        if not finite and spec.transforms.nonfinite != "skip":
-            raise _nonfinite_grads(*find_nonfinite(grads, spec.layout))
-        if finite and loss is not None and not math.isfinite(loss):
-            raise invalid(["body", "loss"], f"must be a finite number: got {loss}")
-        return StepInput(grads, loss, ret, missing)
-
     # helpers ----------------------------------------------------------------------------
 
     async def _owned_meta(self, tenant: str, session_id: str, refresh: bool = False) -> SessionMeta:
@@ -777,22 +515,6 @@ class Engine:
         return func(*args)
 
 
-M = TypeVar("M", bound=BaseModel)
-
-
-def _validate(model: type[M], data: Any) -> M:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        errors: list[dict[str, Any]] = []
-        parts: list[str] = []
-        for error in exc.errors():
-            loc = [p if isinstance(p, int) else str(p) for p in error["loc"]]
-            errors.append(field_error(["body", *loc], error["msg"]))
-            parts.append(f"{'.'.join(map(str, loc))}: {error['msg']}")
-        raise Invalid("; ".join(parts), errors) from None
-
-
 def _restore_segments(
     layout: FlatLayout,
     names: tuple[str, ...],
@@ -814,18 +536,3 @@ def _restore_segments(
         for key, array in new_state.arrays.items():
             old = state.arrays.get(key)
             array[lo:hi] = 0 if old is None else old[lo:hi]
-
-
-def _nonfinite_grads(count: int, names: list[str]) -> Invalid:
-    msg = "holds non-finite values (NaN or inf, or too large for the session's dtype)"
-    return Invalid(
-        f"{count} non-finite gradient values in {', '.join(map(repr, names))}; nothing was applied",
-        [field_error(["body", "grads", n], msg) for n in names],
-    )
-
-
-def _metadata_json(metadata: Mapping[str, str], name: str) -> Any:
-    try:
-        return orjson.loads(metadata[name])
-    except orjson.JSONDecodeError:
-        raise invalid(["body", name], "must be JSON written as a string in __metadata__") from None
