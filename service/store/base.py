@@ -12,6 +12,11 @@ idempotency record so that they become visible together or not at all, and only 
 stored version is still v; it returns False on a conflict (the caller reloads and
 recomputes). A process killed before `commit` returns leaves version v whole.
 
+A session also has a history (docs/training.md, "History"): a bounded list of small
+opaque entries, newest first, that a commit can prepend to in the same atomic write as
+the step it records, so the history never shows a step that did not land nor misses one
+that did. It lives and dies with the session (same idle expiry, removed by `delete`).
+
 Every method raises `StoreUnavailable` when the backing service cannot be reached.
 """
 
@@ -34,8 +39,13 @@ class SessionMeta:
 
     `spec` is the normalized creation spec (optimizer and schedule with defaults filled,
     dtype, layout as `[[name, shape], ...]`, transforms, nonfinite policy, ...): the
-    store does not interpret it. `version` is bumped by every commit; `step` counts
-    applied steps; `skipped` counts steps skipped for non-finite gradients.
+    store does not interpret it. `version` is the store's revision: bumped by every
+    commit, it is what a commit is checked against and what names the blobs.
+    `params_version` is the version clients see (API.md's `version`): bumped by every
+    step, applied or skipped, but not by commits that leave the params as they were (a
+    reported loss, a gradient accumulated in a sync session). `step` counts applied
+    steps; `skipped` counts steps skipped for non-finite gradients. `extra` holds small
+    JSON state of the API's features (range test, sync accumulation, last step).
     """
 
     id: str
@@ -48,6 +58,7 @@ class SessionMeta:
     created_at: float = 0.0
     updated_at: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    params_version: int = 0
 
     def to_json(self) -> bytes:
         return orjson.dumps(
@@ -62,6 +73,7 @@ class SessionMeta:
                 "created_at": self.created_at,
                 "updated_at": self.updated_at,
                 "extra": self.extra,
+                "params_version": self.params_version,
             },
             option=orjson.OPT_SERIALIZE_NUMPY,
         )
@@ -80,6 +92,7 @@ class SessionMeta:
             created_at=float(d.get("created_at", 0.0)),
             updated_at=float(d.get("updated_at", 0.0)),
             extra=d.get("extra") or {},
+            params_version=int(d.get("params_version", d["version"])),
         )
 
     def evolve(self, **changes: Any) -> SessionMeta:
@@ -181,10 +194,16 @@ class SessionTx(Protocol):
         blobs: SessionBlobs | None,
         idempotency: IdempotencyRecord | None = None,
         idempotency_ttl: int | None = None,
+        history: bytes | None = None,
+        history_limit: int = 0,
     ) -> bool:
         """Write `meta` (whose version must be loaded version + 1), `blobs` (None: keep the
-        stored ones) and the idempotency record atomically, if the stored version is still
-        the loaded one. False on a conflict: nothing was written."""
+        stored ones), the idempotency record and the history entry atomically, if the
+        stored version is still the loaded one. False on a conflict: nothing was written.
+
+        `history`: one entry to prepend to the session's history, which is then trimmed
+        to its newest `history_limit` entries; with `history=None` or `history_limit=0`
+        the history is left as it is."""
         ...
 
 
@@ -215,7 +234,15 @@ class StateStore(Protocol):
         self, session_id: str, ttl: int | None = None
     ) -> AbstractAsyncContextManager[SessionTx]: ...
 
-    async def delete(self, session_id: str) -> bool: ...
+    async def delete(self, session_id: str) -> bool:
+        """Remove the session with everything of it (history, idempotency records);
+        False if there was none."""
+        ...
+
+    async def history(self, session_id: str, limit: int) -> list[bytes]:
+        """The newest `limit` history entries of the session, most recent first ([] for
+        a session without history, or none at all). Does not refresh the idle expiry."""
+        ...
 
     async def get_idempotency(self, session_id: str, key: str) -> IdempotencyRecord | None: ...
 

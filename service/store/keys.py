@@ -12,6 +12,7 @@ same text, hence has the same tag.)
     <p>:{<id>}:idem:<key>        string: an idempotency record (its own ttl)
     <p>:{<id>}:idem:<key>:lock   string: an in-flight claim of <key> (its own ttl)
     <p>:{<id>}:idems             sorted set: idempotency keys recorded, scored by expiry
+    <p>:{<id>}:history           list: history entries, newest first, trimmed at commit
     <p>:sessions                 sorted set: session ids, scored by (last known) expiry
 
 Idempotency keys come from clients: they are percent-encoded (`:` and `%` included), so
@@ -56,6 +57,9 @@ class Keys:
 
     def idem_index(self, session_id: str) -> str:
         return f"{self.prefix}:{{{session_id}}}:idems"
+
+    def history(self, session_id: str) -> str:
+        return f"{self.prefix}:{{{session_id}}}:history"
 
     def sessions(self) -> str:
         return f"{self.prefix}:sessions"

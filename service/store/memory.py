@@ -9,8 +9,12 @@ It behaves like the Redis store (`service.store.redis_store`) for one process:
 - `transaction(sid)` holds a per-session `asyncio.Lock` for its whole duration, so two
   transactions of one process never interleave; `commit` still checks that the stored
   version is the loaded one (a `delete`/`create` does not take the lock) and replaces
-  meta, blobs and the idempotency record in one synchronous step, with no `await`
-  in between: other tasks see all of it or none of it.
+  meta, blobs, the idempotency record and the history in one synchronous step, with
+  no `await` in between: other tasks see all of it or none of it.
+- The history is an immutable tuple in the session's entry, newest first: a commit
+  stages the new tuple (its entry, then the newest `history_limit - 1` old ones) with
+  the rest and swaps it in, so a reader never sees a half-made list. It goes with the
+  entry: `delete`, expiry and a new `create` of the id all leave no history behind.
 - Expiry: a session's `ttl` is the idle time before it expires, as a monotonic
   deadline. `create` sets it; `get_meta(ttl=...)` and every transaction that finds the
   session refresh it (a transaction with `ttl=None` refreshes with the ttl the session
@@ -59,6 +63,8 @@ class _Session:
     ttl: int | None
     #: monotonic time at which it expires (None: never)
     deadline: float | None
+    #: history entries, newest first
+    history: tuple[bytes, ...] = ()
 
 
 @dataclass(slots=True)
@@ -110,6 +116,8 @@ class _MemoryTx:
         blobs: SessionBlobs | None,
         idempotency: IdempotencyRecord | None = None,
         idempotency_ttl: int | None = None,
+        history: bytes | None = None,
+        history_limit: int = 0,
     ) -> bool:
         check_commit(
             done=self._done,
@@ -129,10 +137,14 @@ class _MemoryTx:
         params = entry.params if blobs is None else _frozen(blobs.params)
         state = entry.state if blobs is None else _frozen(blobs.state)
         record = None if idempotency is None else idempotency.to_bytes()
+        entries = entry.history
+        if history is not None and history_limit > 0:
+            entries = (_frozen(history), *entries[: history_limit - 1])
         entry.meta_json = meta_json
         entry.version = meta.version
         entry.params = params
         entry.state = state
+        entry.history = entries
         store._refresh(entry, self._ttl)
         if idempotency is not None and record is not None:
             store._put_idempotency(self._sid, idempotency.key, record, idempotency_ttl)
@@ -240,6 +252,13 @@ class MemoryStore:
         self._sessions.pop(session_id, None)
         self._idem.pop(session_id, None)
         return existed
+
+    async def history(self, session_id: str, limit: int) -> list[bytes]:
+        self._maybe_sweep()
+        entry = self._live(session_id)
+        if entry is None or limit <= 0:
+            return []
+        return list(entry.history[:limit])
 
     async def count_sessions(self) -> int:
         self._sweep()

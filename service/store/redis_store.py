@@ -33,6 +33,9 @@ Layout (key names in `service.store.keys`; every key of a session carries the ha
   A commit that shrinks a blob deletes the surplus chunks in the same MULTI.
 - `idem:<key>` (the record, its own ttl), `idem:<key>:lock` (the in-flight claim, its
   own ttl) and `idems`, a sorted set of the recorded keys that `delete` uses.
+- `history`, a list of history entries, newest first: a commit LPUSHes its entry and
+  LTRIMs the list to the newest `history_limit` (`create` deletes any left by an
+  earlier session of the same id).
 - `<prefix>:sessions`, outside any session's slot: ids scored by their last known expiry,
   for `count_sessions` (below).
 
@@ -42,21 +45,23 @@ cached version is current, GETs every chunk plus HGETALL meta again in a second;
 changed in between (a commit slipped in), it watches and reads again, so the blobs it
 hands out are always those of the meta it hands out. `commit()` sends MULTI, HSET meta
 (version + 1, chunk counts), SET of every chunk, DEL of surplus chunks, the idempotency
-record (SET ... EX idempotency_ttl) and the DEL of its claim, the expiries, EXEC, in one
-write: EXEC answers nil if meta was touched since the WATCH (commit returns False,
-nothing was written), and otherwise applies everything at once. A process that dies
-before EXEC reaches Redis leaves the old version whole (Redis discards a MULTI whose
-connection closes). A connection lost after EXEC was sent leaves the outcome unknown:
-that is `StoreUnavailable`, never False (False would make the caller recompute and
-possibly apply the gradient twice; with StoreUnavailable the client retries with its
-Idempotency-Key and gets the recorded answer if the commit did land).
+record (SET ... EX idempotency_ttl) and the DEL of its claim, the history entry (LPUSH,
+LTRIM), the expiries, EXEC, in one write: EXEC answers nil if meta was touched since the
+WATCH (commit returns False, nothing was written), and otherwise applies everything at
+once. A process that dies before EXEC reaches Redis leaves the old version whole (Redis
+discards a MULTI whose connection closes). A connection lost after EXEC was sent leaves
+the outcome unknown: that is `StoreUnavailable`, never False (False would make the
+caller recompute and possibly apply the gradient twice; with StoreUnavailable the
+client retries with its Idempotency-Key and gets the recorded answer if the commit did
+land).
 
-Expiry: every key of a session (meta, chunks) is given the session's idle ttl on use:
-by the commit's MULTI, by `get_meta(ttl=...)`, and at the end of a transaction that
-loaded the session but did not commit (EXPIRE in a MULTI; a transaction with
-`ttl=None` uses the ttl the session was created with). Idempotency records and claims
-keep their own ttl. Use `maxmemory-policy noeviction`: an evicted chunk would damage a
-session (it is reported as an error, never served).
+Expiry: every key of a session (meta, chunks, history) is given the session's idle ttl
+on use: by the commit's MULTI, by `get_meta(ttl=...)`, and at the end of a transaction
+that loaded the session but did not commit (EXPIRE in a MULTI; a transaction with
+`ttl=None` uses the ttl the session was created with; a commit PERSISTs the keys of a
+session that has none). Idempotency records and claims keep their own ttl. Use
+`maxmemory-policy noeviction`: an evicted chunk would damage a session (it is reported
+as an error, never served).
 
 Counting: `<prefix>:sessions` holds every id created (scored "check me now") until
 `delete` removes it. `count_sessions` (for /metrics) checks only the ids whose score is
@@ -75,7 +80,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -183,6 +188,13 @@ def _field(meta: dict[Any, Any], name: str) -> Any:
     return meta.get(name.encode())
 
 
+def _expire(names: Iterable[str], ttl: int | None) -> list[Command]:
+    """Commands that make the keys `names` expire after `ttl` seconds (None: never)."""
+    if ttl is None:
+        return [("PERSIST", k) for k in names]
+    return [("EXPIRE", k, ttl) for k in names]
+
+
 def _chunks(blob: bytes, chunk_bytes: int) -> list[memoryview]:
     view = memoryview(blob)
     return [view[i : i + chunk_bytes] for i in range(0, len(view), chunk_bytes)]
@@ -268,6 +280,8 @@ class _RedisTx:
         blobs: SessionBlobs | None,
         idempotency: IdempotencyRecord | None = None,
         idempotency_ttl: int | None = None,
+        history: bytes | None = None,
+        history_limit: int = 0,
     ) -> bool:
         stored = self._stored
         check_commit(
@@ -284,7 +298,15 @@ class _RedisTx:
         conn = self._conn
         assert conn is not None
         commands, nbytes = store._commit_commands(
-            self._sid, stored, meta, blobs, idempotency, idempotency_ttl, self._ttl
+            self._sid,
+            stored,
+            meta,
+            blobs,
+            self._ttl,
+            idempotency=idempotency,
+            idempotency_ttl=idempotency_ttl,
+            history=history,
+            history_limit=history_limit,
         )
         with store._unavailable():
             replies = await exchange(
@@ -410,7 +432,8 @@ class RedisStore:
             # "check me at the next count": robust whatever happens to the MULTI
             ("ZADD", keys.sessions(), time.time(), sid),
             ("MULTI",),
-            ("DEL", keys.meta(sid)),
+            # a new session starts with no history, whatever an old one of this id left
+            ("DEL", keys.meta(sid), keys.history(sid)),
         ]
         body, nbytes = self._write_commands(sid, meta, blobs, None, ttl, ttl)
         commands += body
@@ -491,11 +514,9 @@ class RedisStore:
                         )
                     )
                     raw, idem_keys = replies[1], replies[2]
-                    doomed = [meta_key, index_key]
+                    doomed = [meta_key, index_key, keys.history(session_id)]
                     if raw:
-                        stored = _Stored(raw)
-                        doomed += [keys.params(session_id, i) for i in range(stored.pn)]
-                        doomed += [keys.state(session_id, i) for i in range(stored.sn)]
+                        doomed += self._chunk_keys(session_id, _Stored(raw))
                     doomed += [keys.idem(session_id, k.decode()) for k in idem_keys]
                     replies = await exchange(conn, [("MULTI",), ("DEL", *doomed), ("EXEC",)])
                     if replies[2] is not None:
@@ -505,6 +526,12 @@ class RedisStore:
             finally:
                 await self._pool.release(conn)
         raise StoreUnavailable(f"session {session_id} kept changing while being deleted")
+
+    async def history(self, session_id: str, limit: int) -> list[bytes]:
+        if limit <= 0:  # LRANGE 0 -1 would be the whole list
+            return []
+        (entries,) = await self._run([("LRANGE", self._keys.history(session_id), 0, limit - 1)])
+        return list(entries)
 
     async def count_sessions(self) -> int:
         index = self._keys.sessions()
@@ -619,21 +646,22 @@ class RedisStore:
                     commands.append(("DEL", *(key(sid, i) for i in range(len(parts), old_n))))
                 nbytes += len(blob)
         elif stored is not None:
-            commands += self._expire_chunks(sid, stored, ttl)
-        commands.insert(0, ("HSET", meta_key, *fields))
-        commands.insert(1, ("EXPIRE", meta_key, ttl) if ttl is not None else ("PERSIST", meta_key))
-        return commands, nbytes + len(fields[1])
+            commands += _expire(self._chunk_keys(sid, stored), ttl)
+        head: list[Command] = [("HSET", meta_key, *fields), *_expire([meta_key], ttl)]
+        return head + commands, nbytes + len(fields[1])
 
-    def _expire_chunks(self, sid: str, stored: _Stored, ttl: int | None) -> list[Command]:
+    def _chunk_keys(self, sid: str, stored: _Stored) -> list[str]:
+        """The keys of the chunks that `stored` names."""
         keys = self._keys
         chunk_keys = [keys.params(sid, i) for i in range(stored.pn)]
         chunk_keys += [keys.state(sid, i) for i in range(stored.sn)]
-        if ttl is None:
-            return [("PERSIST", k) for k in chunk_keys]
-        return [("EXPIRE", k, ttl) for k in chunk_keys]
+        return chunk_keys
 
     def _touch_commands(self, sid: str, stored: _Stored, ttl: int) -> list[Command]:
-        return [("EXPIRE", self._keys.meta(sid), ttl), *self._expire_chunks(sid, stored, ttl)]
+        """Commands (for inside a MULTI) that refresh the idle expiry of every key of the
+        session but the idempotency ones (which keep their own)."""
+        keys = self._keys
+        return _expire([keys.meta(sid), *self._chunk_keys(sid, stored), keys.history(sid)], ttl)
 
     def _commit_commands(
         self,
@@ -641,14 +669,26 @@ class RedisStore:
         stored: _Stored,
         meta: SessionMeta,
         blobs: SessionBlobs | None,
+        ttl: int | None,
+        *,
         idempotency: IdempotencyRecord | None,
         idempotency_ttl: int | None,
-        ttl: int | None,
+        history: bytes | None,
+        history_limit: int,
     ) -> tuple[list[Command], int]:
+        """Commands (for inside a MULTI) of a commit (see `SessionTx.commit`), and their
+        bytes. `ttl`: the transaction's (None: the ttl the session was created with)."""
+        keys = self._keys
         effective_ttl = stored.ttl if ttl is None else ttl
         commands, nbytes = self._write_commands(sid, meta, blobs, stored, effective_ttl, None)
+        history_key = keys.history(sid)
+        if history is not None and history_limit > 0:
+            commands.append(("LPUSH", history_key, history))
+            commands.append(("LTRIM", history_key, 0, history_limit - 1))
+            nbytes += len(history)
+        # after the LPUSH, which may have just created the key
+        commands += _expire([history_key], effective_ttl)
         if idempotency is not None:
-            keys = self._keys
             idem_ttl = self._default_idempotency_ttl if idempotency_ttl is None else idempotency_ttl
             record = idempotency.to_bytes()
             now = time.time()

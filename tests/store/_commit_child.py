@@ -4,8 +4,8 @@
 
 MODE says where the commit stalls:
 
-- `queued`: MULTI and every write of the commit have been sent and answered QUEUED;
-  EXEC has not been sent.
+- `queued`: MULTI and every write of the commit (a history entry included) have been
+  sent and answered QUEUED; EXEC has not been sent.
 - `partial`: half of the bytes of the commit's MULTI ... EXEC have been written to the
   socket; the rest has not.
 
@@ -58,7 +58,8 @@ async def main(url: str, prefix: str, sid: str, chunk_bytes: int, mode: str) -> 
         meta = loaded[0]
         loaded_version = meta.version
         blobs = redis_store.SessionBlobs(os.urandom(3 * chunk_bytes + 7), os.urandom(chunk_bytes))
-        await tx.commit(meta.evolve(version=meta.version + 1, tenant="child"), blobs)
+        new = meta.evolve(version=meta.version + 1, tenant="child")
+        await tx.commit(new, blobs, history=b"child", history_limit=10)
 
 
 if __name__ == "__main__":

@@ -52,13 +52,17 @@ async def commit_next(
     ttl: int | None = None,
     idem: IdempotencyRecord | None = None,
     idem_ttl: int | None = None,
+    history: bytes | None = None,
+    history_limit: int = 0,
 ) -> SessionMeta:
     async with store.transaction(sid, ttl=ttl) as tx:
         loaded = await tx.load()
         assert loaded is not None
         meta = loaded[0]
         new = meta.evolve(version=meta.version + 1, step=meta.step + 1)
-        assert await tx.commit(new, blobs, idem, idem_ttl)
+        assert await tx.commit(
+            new, blobs, idem, idem_ttl, history=history, history_limit=history_limit
+        )
     return new
 
 
@@ -428,3 +432,102 @@ async def test_recorded_reads_the_key_inside_the_transaction(store: Store) -> No
         assert await tx.load() is not None
         found = await tx.recorded("k")
         assert found == record("k")
+
+
+# -- history -----------------------------------------------------------------------------
+
+
+def entry(i: int) -> bytes:
+    return b'{"kind": "step", "step": %d}' % i
+
+
+async def test_history_is_newest_first_and_trimmed_to_the_limit(store: Store) -> None:
+    await store.create(make_meta("s1"), make_blobs(), ttl=60)
+    assert await store.history("s1", 10) == []
+    for i in range(25):
+        await commit_next(store, "s1", None, history=entry(i), history_limit=10)
+        newest = min(i + 1, 10)
+        assert await store.history("s1", 100) == [entry(j) for j in range(i, i - newest, -1)]
+    assert await store.history("s1", 10) == [entry(j) for j in range(24, 14, -1)]
+    # fewer than stored: the newest ones; more than stored: all of them
+    assert await store.history("s1", 3) == [entry(24), entry(23), entry(22)]
+    assert await store.history("s1", 1) == [entry(24)]
+    assert await store.history("s1", 1000) == [entry(j) for j in range(24, 14, -1)]
+    assert await store.history("s1", 0) == []
+    # a smaller limit trims the older entries; a larger one keeps what is there and grows
+    await commit_next(store, "s1", None, history=entry(25), history_limit=4)
+    assert await store.history("s1", 100) == [entry(25), entry(24), entry(23), entry(22)]
+    await commit_next(store, "s1", make_blobs(), history=entry(26), history_limit=6)
+    assert await store.history("s1", 100) == [entry(j) for j in range(26, 21, -1)]
+
+
+async def test_history_entries_are_opaque_bytes(store: Store) -> None:
+    await store.create(make_meta("s1"), make_blobs(), ttl=None)
+    entries = [b"", b"\x00\xff" * 1000, b'{"loss": 0.5}']
+    for e in entries:
+        await commit_next(store, "s1", None, history=e, history_limit=10)
+    assert await store.history("s1", 10) == entries[::-1]
+
+
+async def test_no_history_or_limit_zero_leaves_the_history_alone(store: Store) -> None:
+    await store.create(make_meta("s1"), make_blobs(), ttl=60)
+    await commit_next(store, "s1", None, history=entry(0), history_limit=5)
+    await commit_next(store, "s1", None, history=entry(1), history_limit=5)
+    await commit_next(store, "s1", make_blobs())
+    await commit_next(store, "s1", None, history=None, history_limit=5)
+    await commit_next(store, "s1", None, history=entry(99), history_limit=0)
+    assert await store.history("s1", 10) == [entry(1), entry(0)]
+    got = await store.get_meta("s1")
+    assert got is not None
+    assert got.version == 5
+    # none at all yet: nothing is created
+    await store.create(make_meta("s2"), make_blobs(), ttl=60)
+    await commit_next(store, "s2", None, history=entry(0), history_limit=0)
+    assert await store.history("s2", 10) == []
+
+
+async def test_a_conflicting_commit_writes_no_history(store: Store) -> None:
+    """The commit that loses (its session changed behind it) adds no entry."""
+    await store.create(make_meta("s1"), make_blobs(), ttl=60)
+    await commit_next(store, "s1", None, history=entry(0), history_limit=10)
+    async with store.transaction("s1") as tx:
+        loaded = await tx.load()
+        assert loaded is not None
+        # another transaction commits first (memory: the session lock keeps out other
+        # transactions, so the session is deleted and created anew behind our back)
+        if store.name == "redis":
+            await commit_next(store, "s1", None, history=entry(1), history_limit=10)
+        else:
+            await store.delete("s1")
+            await store.create(make_meta("s1"), make_blobs(), ttl=60)
+        new = loaded[0].evolve(version=loaded[0].version + 1)
+        assert await tx.commit(new, make_blobs(), history=entry(2), history_limit=10) is False
+    expected = [entry(1), entry(0)] if store.name == "redis" else []
+    assert await store.history("s1", 10) == expected
+
+
+async def test_delete_and_create_drop_the_history(store: Store) -> None:
+    await store.create(make_meta("s1"), make_blobs(), ttl=60)
+    for i in range(3):
+        await commit_next(store, "s1", None, history=entry(i), history_limit=10)
+    assert len(await store.history("s1", 10)) == 3
+    assert await store.delete("s1")
+    assert await store.history("s1", 10) == []
+    await store.create(make_meta("s1"), make_blobs(), ttl=60)
+    assert await store.history("s1", 10) == []
+    await commit_next(store, "s1", None, history=entry(7), history_limit=10)
+    assert await store.history("s1", 10) == [entry(7)]
+
+
+async def test_history_of_an_unknown_session_is_empty(store: Store) -> None:
+    assert await store.history("nope", 10) == []
+    assert await store.history("nope", 0) == []
+
+
+async def test_history_expires_with_the_session(store: Store) -> None:
+    await store.create(make_meta("s1"), make_blobs(), ttl=1)
+    await commit_next(store, "s1", None, history=entry(0), history_limit=10)
+    assert await store.history("s1", 10) == [entry(0)]
+    await asyncio.sleep(1.2)
+    assert await store.get_meta("s1") is None
+    assert await store.history("s1", 10) == []

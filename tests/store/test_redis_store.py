@@ -44,6 +44,8 @@ async def snapshot(raw: aioredis.Redis, store: RedisStore, sid: str) -> dict[byt
             out[key] = await raw.hgetall(key)
         elif kind == b"zset":
             out[key] = await raw.zrange(key, 0, -1, withscores=True)
+        elif kind == b"list":
+            out[key] = await raw.lrange(key, 0, -1)
         else:
             raise AssertionError(f"unexpected {kind!r} at {key!r}")
     return out
@@ -72,6 +74,63 @@ async def test_no_value_exceeds_chunk_bytes(
     assert len({key_slot(k) for k in keys}) == 1
 
 
+async def test_history_key_is_a_list_in_the_session_slot(
+    redis_store: RedisStore, raw_redis: aioredis.Redis
+) -> None:
+    sid = "hist{x}"  # braces in the id: the session's tag still comes first
+    await redis_store.create(make_meta(sid), make_blobs(2 * CHUNK, CHUNK), ttl=60)
+    for i in range(5):
+        await commit_next(redis_store, sid, None, history=b"e%d" % i, history_limit=3)
+    key = redis_store.keys.history(sid)
+    assert key == f"{redis_store.keys.prefix}:{{{sid}}}:history"
+    assert await raw_redis.type(key) == b"list"
+    assert await raw_redis.lrange(key, 0, -1) == [b"e4", b"e3", b"e2"]
+    keys = await session_keys(raw_redis, redis_store, sid)
+    assert key.encode() in keys
+    assert len({key_slot(k) for k in keys}) == 1
+    assert key_slot(key.encode()) == key_slot(redis_store.keys.meta(sid).encode())
+    # the other keys of the session are what they were: a meta hash and chunks
+    assert sorted(k for k in keys if k != key.encode()) == sorted(
+        [
+            redis_store.keys.meta(sid).encode(),
+            *(redis_store.keys.params(sid, i).encode() for i in range(2)),
+            redis_store.keys.state(sid, 0).encode(),
+        ]
+    )
+    assert await redis_store.count_sessions() == 1
+
+
+async def test_history_key_follows_the_session_ttl(
+    redis_store: RedisStore, raw_redis: aioredis.Redis
+) -> None:
+    sid = "hist-ttl"
+    key = redis_store.keys.history(sid)
+    await redis_store.create(make_meta(sid), make_blobs(), ttl=100)
+    await commit_next(redis_store, sid, None, history=b"e0", history_limit=10)
+    assert 90 < await raw_redis.ttl(key) <= 100
+    # a commit without an entry, a get_meta(ttl=...), a transaction that only loads:
+    # each refreshes the history's expiry with the chunks'
+    await commit_next(redis_store, sid, None, ttl=200)
+    assert 190 < await raw_redis.ttl(key) <= 200
+    assert await redis_store.get_meta(sid, ttl=300) is not None
+    assert 290 < await raw_redis.ttl(key) <= 300
+    async with redis_store.transaction(sid, ttl=400) as tx:
+        assert await tx.load() is not None
+    assert 390 < await raw_redis.ttl(key) <= 400
+    await commit_next(redis_store, sid, make_blobs(), ttl=500, history=b"e1", history_limit=10)
+    for k in await session_keys(raw_redis, redis_store, sid):
+        assert 490 < await raw_redis.ttl(k) <= 500, k
+    # a session without ttl: its history does not expire either
+    await redis_store.create(make_meta("forever"), make_blobs(), ttl=None)
+    await commit_next(redis_store, "forever", None, history=b"e0", history_limit=10)
+    assert await raw_redis.ttl(redis_store.keys.history("forever")) == -1
+    # a transaction ttl on a session created without one applies to the history too
+    await commit_next(redis_store, "forever", None, ttl=50, history=b"e1", history_limit=10)
+    assert 40 < await raw_redis.ttl(redis_store.keys.history("forever")) <= 50
+    assert await redis_store.delete(sid)
+    assert await raw_redis.exists(key) == 0
+
+
 async def test_shrinking_blobs_delete_surplus_chunks(
     redis_store: RedisStore, raw_redis: aioredis.Redis
 ) -> None:
@@ -90,7 +149,16 @@ async def test_every_key_expires_with_the_session(
 ) -> None:
     sid = "ttl"
     await redis_store.create(make_meta(sid), make_blobs(3 * CHUNK, CHUNK), ttl=100)
-    await commit_next(redis_store, sid, None, ttl=200, idem=record("k"), idem_ttl=5000)
+    await commit_next(
+        redis_store,
+        sid,
+        None,
+        ttl=200,
+        idem=record("k"),
+        idem_ttl=5000,
+        history=b"e",
+        history_limit=5,
+    )
     assert await redis_store.claim_idempotency(sid, "c", ttl=30)
     for key in await session_keys(raw_redis, redis_store, sid):
         ttl = await raw_redis.ttl(key)
@@ -102,7 +170,9 @@ async def test_every_key_expires_with_the_session(
             assert 190 < ttl <= 200, key
     # ttl=None at creation: nothing expires
     await redis_store.create(make_meta("forever"), make_blobs(3 * CHUNK, CHUNK), ttl=None)
-    await commit_next(redis_store, "forever", make_blobs(2 * CHUNK, CHUNK))
+    await commit_next(
+        redis_store, "forever", make_blobs(2 * CHUNK, CHUNK), history=b"e", history_limit=5
+    )
     for key in await session_keys(raw_redis, redis_store, "forever"):
         assert await raw_redis.ttl(key) == -1, key
 
@@ -111,8 +181,10 @@ async def test_delete_removes_every_key(redis_store: RedisStore, raw_redis: aior
     sid = "gone"
     await redis_store.create(make_meta(sid), make_blobs(MB, MB), ttl=60)
     for i in range(3):
-        await commit_next(redis_store, sid, None, idem=record(f"k{i}"), idem_ttl=60)
-    assert await session_keys(raw_redis, redis_store, sid)
+        await commit_next(
+            redis_store, sid, None, idem=record(f"k{i}"), idem_ttl=60, history=b"e", history_limit=2
+        )
+    assert redis_store.keys.history(sid).encode() in await session_keys(raw_redis, redis_store, sid)
     assert await redis_store.delete(sid)
     assert await session_keys(raw_redis, redis_store, sid) == []
     assert await raw_redis.zcard(redis_store.keys.sessions()) == 0
@@ -153,10 +225,12 @@ async def test_killed_commit_leaves_the_old_version_whole(
 ) -> None:
     """A process killed (SIGKILL) inside a commit, with every write queued in the MULTI
     but no EXEC (`queued`), or half-way through writing the commit (`partial`), leaves
-    the previous version readable and whole; the next commit works."""
+    the previous version readable and whole (its history included: the child's commit
+    adds an entry); the next commit works."""
     sid = "victim"
-    meta, blobs = make_meta(sid), make_blobs(MB, MB // 2)
-    await redis_store.create(meta, blobs, ttl=60)
+    blobs = make_blobs(MB, MB // 2)
+    await redis_store.create(make_meta(sid), blobs, ttl=60)
+    meta = await commit_next(redis_store, sid, None, history=b"h0", history_limit=10)
     before = await snapshot(raw_redis, redis_store, sid)
     argv = [sys.executable, "-m", "tests.store._commit_child", REDIS_URL, prefix, sid]
     argv += [str(CHUNK), mode]
@@ -165,7 +239,7 @@ async def test_killed_commit_leaves_the_old_version_whole(
             assert child.stdout is not None
             assert child.stderr is not None
             line = await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), 30)
-            if line != b"READY 0\n":
+            if line != b"READY 1\n":
                 child.kill()
                 pytest.fail(f"the child did not stall: {line!r} {child.stderr.read()!r}")
             # stalled inside its commit: nothing of it is visible
@@ -184,6 +258,7 @@ async def test_killed_commit_leaves_the_old_version_whole(
         await asyncio.sleep(0.02)
     assert await snapshot(raw_redis, redis_store, sid) == before
     assert await redis_store.read(sid) == (meta, blobs)
+    assert await redis_store.history(sid, 10) == [b"h0"]
     new_blobs = make_blobs(2 * CHUNK, 3 * CHUNK)
     new = await commit_next(redis_store, sid, new_blobs)
     assert await redis_store.read(sid) == (new, new_blobs)
