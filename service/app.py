@@ -23,7 +23,14 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio.to_thread
 from fastapi import FastAPI
 
-from service.api import metrics, openapi, routes_health, routes_schedules, routes_sessions
+from service.api import (
+    metrics,
+    openapi,
+    routes_health,
+    routes_schedules,
+    routes_sessions,
+    routes_training,
+)
 from service.api.codecs import FastJSONResponse
 from service.api.engine import Engine
 from service.api.errors import BodyLimit, install_handlers
@@ -116,6 +123,7 @@ def create_app(settings: Settings | None = None, store: StateStore | None = None
     app.state.settings = settings
     install_handlers(app, settings)
     app.include_router(routes_sessions.router)
+    app.include_router(routes_training.router)
     app.include_router(routes_schedules.router)
     app.include_router(routes_health.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     retry_after: Annotated[int, Field(ge=1)] = 1
     #: how often a step recomputes after a version conflict before answering 409
     max_commit_retries: Annotated[int, Field(ge=1)] = 100
+    #: most history entries a session may keep (`"history": N` at creation)
+    max_history: Annotated[int, Field(ge=0)] = 10_000
+    #: longest wait a request may ask for (a sync push's `wait`, a `min_version` timeout)
+    max_wait: Annotated[float, Field(gt=0, le=600)] = 60.0
     log_level: str = "info"
 
 

@@ -58,18 +58,19 @@ together or not at all. A refused request is never recorded (its claim is releas
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import anyio
 import anyio.to_thread
 import numpy as np
+import orjson
 
 from service.api import codecs
 from service.api import metrics as m
@@ -83,11 +84,20 @@ from service.api.errors import (
     invalid,
     spec_error,
 )
-from service.api.parsing import StepInput, nonfinite_grads, parse_create, parse_step
-from service.api.schemas import PreviewRequest
-from service.api.spec import Spec, decode_schedule_state, encode_schedule_state
+from service.api.parsing import StepInput, parse_create, parse_step, validate_model
+from service.api.schemas import MetricsRequest, PreviewRequest
+from service.api.spec import Spec, encode_schedule_state
+from service.api.stepping import (
+    Computed,
+    compute_metrics,
+    compute_step,
+    current_lr,
+    join_state,
+    pending_of,
+    waited_reply,
+)
 from service.config import Settings
-from service.core import FlatLayout, apply_transforms
+from service.core.averaging import init_averages
 from service.core.errors import SpecError
 from service.core.schedules import parse_schedule
 from service.core.state import OptState
@@ -110,6 +120,9 @@ OFFLOAD_ELEMENTS = 1 << 16
 OFFLOAD_BYTES = 1 << 20
 #: parsed specs kept in memory (small: layouts and hyperparameters, no tensors)
 SPEC_CACHE_SIZE = 4096
+#: seconds between two looks at a session's version while waiting (first, longest)
+WAIT_POLL_FIRST = 0.005
+WAIT_POLL_MAX = 0.05
 
 
 # --- requests as the engine sees them ----------------------------------------------------
@@ -129,13 +142,20 @@ class StepCall:
     path: str = ""
 
 
-@dataclass(slots=True)
-class _Computed:
+@dataclass(frozen=True, slots=True)
+class Current:
+    """A session as stored now: meta, spec and params of one version, and the state blob
+    (decoded on demand: `engine.state_of`)."""
+
     meta: SessionMeta
-    blobs: SessionBlobs | None
-    reply: Reply
-    cached: Cached
-    skipped: bool
+    spec: Spec
+    params: np.ndarray
+    state: OptState | None
+    state_bytes: bytes | None
+
+
+#: what a transaction computes from the loaded meta, params and state
+Compute = Callable[[SessionMeta, np.ndarray, OptState], Computed]
 
 
 def fingerprint(method: str, path: str, body: bytes) -> str:
@@ -173,12 +193,22 @@ class Engine:
     async def create(self, tenant: str, body: bytes, content_type: str | None) -> dict[str, Any]:
         """Validate a creation request, store the session, return its document."""
         binary = codecs.is_binary(content_type)
-        spec, params = await self._offload(
-            len(body) > OFFLOAD_BYTES, parse_create, body, binary, self.settings.max_params
+        spec, params = await self.offload(
+            len(body) > OFFLOAD_BYTES,
+            parse_create,
+            body,
+            binary,
+            self.settings.max_params,
+            self.settings.max_history,
         )
-        state = await self._offload(
-            params.size > OFFLOAD_ELEMENTS, spec.optimizer.init, spec.hp, params, spec.layout
-        )
+
+        def init() -> OptState:
+            state = spec.optimizer.init(spec.hp, params, spec.layout)
+            if spec.averaging:
+                state = join_state(state, init_averages(spec.ema, spec.swa, params))
+            return state
+
+        state = await self.offload(params.size > OFFLOAD_ELEMENTS, init)
         now = time.time()
         schedule_state = None if spec.schedule is None else spec.schedule.initial_state(spec.hp.lr)
         meta = SessionMeta(
@@ -191,7 +221,7 @@ class Engine:
             created_at=now,
             updated_at=now,
         )
-        blobs = await self._offload(
+        blobs = await self.offload(
             params.size > OFFLOAD_ELEMENTS,
             lambda: SessionBlobs(params.tobytes(), state.to_bytes()),
         )
@@ -202,11 +232,11 @@ class Engine:
         return self.document(meta, spec)
 
     async def get(self, tenant: str, session_id: str) -> dict[str, Any]:
-        meta = await self._owned_meta(tenant, session_id, refresh=True)
+        meta = await self.owned_meta(tenant, session_id, refresh=True)
         return self.document(meta, Spec.load(meta.spec))
 
     async def delete(self, tenant: str, session_id: str) -> None:
-        await self._owned_meta(tenant, session_id)
+        await self.owned_meta(tenant, session_id)
         self._round_trip("delete")
         deleted = await self.store.delete(session_id)
         self.cache.pop(session_id)
@@ -214,37 +244,14 @@ class Engine:
         if not deleted:
             raise SessionNotFound()
 
-    async def read_params(self, tenant: str, session_id: str, binary: bool) -> Reply:
-        meta = await self._owned_meta(tenant, session_id, refresh=True)
-        spec = Spec.load(meta.spec)
-        cached = self.cache.get(session_id)
-        if cached is not None and cached.version == meta.version:
-            params = cached.params
-        else:
-            self._round_trip("read")
-            got = await self.store.read(session_id)
-            if got is None or got[0].tenant != tenant:
-                raise SessionNotFound()
-            meta, blobs = got
-            params = np.frombuffer(blobs.params, dtype=spec.dtype.newbyteorder("<"))
-        counters = {"step": meta.step, "version": meta.version}
-
-        def encode() -> Reply:
-            tensors = spec.layout.unflatten(params)
-            if binary:
-                return codecs.binary_reply(tensors, counters)
-            return codecs.json_reply({**counters, "params": tensors})
-
-        return await self._offload(params.size > OFFLOAD_ELEMENTS, encode)
-
     def document(self, meta: SessionMeta, spec: Spec) -> dict[str, Any]:
         """The session document of API.md (`GET /v1/sessions/{id}`), with extensions."""
         stored = spec.stored()
         return {
             "id": meta.id,
             "step": meta.step,
-            "version": meta.version,
-            "lr": spec.lr(meta.step, decode_schedule_state(meta.schedule_state)),
+            "version": meta.params_version,
+            "lr": current_lr(spec, meta),
             "optimizer": stored["optimizer"],
             "schedule": stored["schedule"],
             "dtype": stored["dtype"],
@@ -254,6 +261,12 @@ class Engine:
             "skipped": meta.skipped,
             "created_at": meta.created_at,
             "updated_at": meta.updated_at,
+            "lr_finder": stored["lr_finder"],
+            "ema": stored["ema"],
+            "swa": stored["swa"],
+            "consistency": stored["consistency"],
+            "history": stored["history"],
+            "pending": None if spec.sync is None else _pending_doc(spec, meta),
         }
 
     # step ---------------------------------------------------------------------------
@@ -263,12 +276,46 @@ class Engine:
         start = time.perf_counter()
         outcome = "refused"
         try:
-            reply, outcome = await self._step(call)
+            reply, outcome = await self._idempotent(call, self._prepare_step)
+            if reply.status == 202:  # a sync push, pending: wait for its step if asked
+                reply = await self._wait_for_step(call, reply)
             return reply
         finally:
             m.STEP_SECONDS.labels(outcome).observe(time.perf_counter() - start)
 
-    async def _step(self, call: StepCall) -> tuple[Reply, str]:
+    async def metrics(self, call: StepCall) -> Reply:
+        """Take a loss reported without a step (`POST .../metrics`)."""
+        reply, _ = await self._idempotent(call, self._prepare_metrics)
+        return reply
+
+    async def _prepare_step(self, call: StepCall, spec: Spec) -> tuple[Compute, bool]:
+        step_input = await self._parse_step(call, spec)
+
+        def compute(meta: SessionMeta, params: np.ndarray, state: OptState) -> Computed:
+            return compute_step(spec, meta, params, state, step_input, call.binary_response)
+
+        return compute, spec.layout.total > OFFLOAD_ELEMENTS
+
+    async def _prepare_metrics(self, call: StepCall, spec: Spec) -> tuple[Compute, bool]:
+        if codecs.is_binary(call.content_type):
+            raise invalid(["body"], "metrics are JSON: send Content-Type: application/json")
+        loss = validate_model(MetricsRequest, codecs.load_json(call.body)).loss
+
+        def compute(meta: SessionMeta, params: np.ndarray, state: OptState) -> Computed:
+            return compute_metrics(spec, meta, params, state, loss)
+
+        return compute, False
+
+    async def _parse_step(self, call: StepCall, spec: Spec) -> StepInput:
+        binary = codecs.is_binary(call.content_type)
+        big = len(call.body) > OFFLOAD_BYTES
+        return await self.offload(big, parse_step, spec, call.body, binary)
+
+    async def _idempotent(
+        self, call: StepCall, prepare: Callable[[StepCall, Spec], Awaitable[tuple[Compute, bool]]]
+    ) -> tuple[Reply, str]:
+        """Validate (`prepare`), then commit what the returned function computes, at most
+        once per Idempotency-Key (see the module docstring)."""
         sid, key = call.session_id, call.idempotency_key
         spec = await self._spec(call.tenant, sid)
         fp = None
@@ -281,13 +328,7 @@ class Engine:
             record = await self._record(sid, key)
             if record is not None:
                 return self._replay(record, fp), "replayed"
-        step_input = await self._offload(
-            len(call.body) > OFFLOAD_BYTES,
-            parse_step,
-            spec,
-            call.body,
-            codecs.is_binary(call.content_type),
-        )
+        compute, big = await prepare(call, spec)
         claimed = committed = False
         try:
             if key is not None and fp is not None:
@@ -302,7 +343,7 @@ class Engine:
                 claimed = True
                 # a first request that committed between our look and our claim is found
                 # inside the transaction (`tx.recorded`), which also covers an expired claim
-            reply, outcome = await self._apply(call, spec, step_input, fp)
+            reply, outcome = await self._transact(call, spec, compute, big, fp)
             committed = outcome != "replayed"  # a replay leaves our claim to release
             return reply, outcome
         finally:
@@ -311,11 +352,10 @@ class Engine:
                 with suppress(StoreUnavailable):
                     await self.store.release_idempotency(sid, key)
 
-    async def _apply(
-        self, call: StepCall, spec: Spec, step_input: StepInput, fp: str | None
+    async def _transact(
+        self, call: StepCall, spec: Spec, compute: Compute, big: bool, fp: str | None
     ) -> tuple[Reply, str]:
         sid, key = call.session_id, call.idempotency_key
-        big = spec.layout.total > OFFLOAD_ELEMENTS
         for _ in range(self.settings.max_commit_retries):
             async with self.store.transaction(sid, self.settings.session_ttl) as tx:
                 cached = self.cache.get(sid)
@@ -332,9 +372,7 @@ class Engine:
                     recorded = await tx.recorded(key)
                     if recorded is not None:
                         return self._replay(recorded, fp), "replayed"
-                done = await self._offload(
-                    big, self._compute, spec, meta, blobs, cached, step_input, call.binary_response
-                )
+                done = await self.offload(big, _run, compute, spec, meta, blobs, cached)
                 record = None
                 if key is not None and fp is not None:
                     headers = {"content-type": done.reply.media_type, **done.reply.headers}
@@ -345,90 +383,79 @@ class Engine:
                     done.blobs,
                     record,
                     self.settings.idempotency_ttl if record is not None else None,
+                    history=done.history,
+                    history_limit=spec.history,
                 )
             if ok:
                 self.cache.put(sid, done.cached)
-                return done.reply, "skipped" if done.skipped else "applied"
+                return done.reply, done.outcome
             m.VERSION_CONFLICTS.inc()
         raise VersionConflict(
             f"the session changed under this step {self.settings.max_commit_retries} times "
             "in a row; nothing was applied, retry"
         )
 
-    def _compute(
-        self,
-        spec: Spec,
-        meta: SessionMeta,
-        blobs: SessionBlobs | None,
-        cached: Cached | None,
-        step_input: StepInput,
-        binary: bool,
-    ) -> _Computed:
-        """One step on the loaded state (pure: nothing loaded or cached is written)."""
-        if blobs is not None:
-            params = np.frombuffer(blobs.params, dtype=spec.dtype.newbyteorder("<"))
-            state = OptState.from_bytes(blobs.state)
-        else:
-            assert cached is not None
-            params, state = cached.params, cached.state
-        t = meta.step
-        schedule_state = decode_schedule_state(meta.schedule_state)
-        lr = spec.lr(t, schedule_state)
-        result = apply_transforms(spec.transforms, step_input.grads, spec.layout)
-        now = time.time()
-        if result.nonfinite:
-            if spec.transforms.nonfinite != "skip":  # refused by parse_step already
-                raise nonfinite_grads(result.nonfinite, result.nonfinite_tensors)
-            new_meta = meta.evolve(
-                version=meta.version + 1, skipped=meta.skipped + 1, updated_at=now
-            )
-            new_params, new_state, new_blobs = params, state, None
-        else:
-            loss = step_input.loss
-            if loss is not None and not math.isfinite(loss):
-                raise invalid(["body", "loss"], f"must be a finite number: got {loss}")
-            new_params, new_state = spec.optimizer.update(
-                spec.hyper_at(t), result.grads, state, params, lr, spec.layout, inplace=False
-            )
-            if step_input.missing:
-                _restore_segments(
-                    spec.layout, step_input.missing, params, state, new_params, new_state
-                )
-            if spec.schedule is not None and spec.schedule.stateful and loss is not None:
-                assert schedule_state is not None
-                schedule_state = spec.schedule.observe(schedule_state, loss)
-            new_meta = meta.evolve(
-                version=meta.version + 1,
-                step=meta.step + 1,
-                schedule_state=encode_schedule_state(schedule_state),
-                updated_at=now,
-            )
-            new_blobs = SessionBlobs(new_params.tobytes(), new_state.to_bytes())
-        skipped = bool(result.nonfinite)
-        grad_norm = result.grad_norm if math.isfinite(result.grad_norm) else None
-        counters: dict[str, Any] = {
-            "step": new_meta.step,
-            "version": new_meta.version,
-            "lr": lr,
-            "skipped": skipped,
-            "grad_norm": grad_norm,
-            "clipped": result.clipped,
-        }
-        tensors: dict[str, np.ndarray] | None = None
-        if step_input.ret == "params":
-            tensors = spec.layout.unflatten(new_params)
-        elif step_input.ret == "updates":
-            tensors = spec.layout.unflatten(np.subtract(new_params, params))
-        if binary:
-            reply = codecs.binary_reply(tensors or {}, {**counters, "return": step_input.ret})
-        else:
-            body = dict(counters)
-            if tensors is not None:
-                body[step_input.ret] = tensors
-            reply = codecs.json_reply(body)
-        return _Computed(
-            new_meta, new_blobs, reply, Cached(new_meta.version, new_params, new_state), skipped
+    async def _wait_for_step(self, call: StepCall, pending: Reply) -> Reply:
+        """A sync push answered 202: wait up to its `wait` seconds for the step, then
+        answer that step (`waited_reply`), or the 202 if it did not happen in time."""
+        spec = await self._spec(call.tenant, call.session_id)
+        step_input = await self._parse_step(call, spec)  # a replayed 202 was not parsed
+        wait = min(step_input.wait, self.settings.max_wait)
+        if wait <= 0:
+            return pending
+        target = int(orjson.loads(pending.body)["wait_for"])
+        if await self.wait_version(call.tenant, call.session_id, target, wait) is None:
+            return pending
+        current = await self.load_current(call.tenant, call.session_id)
+        return await self.offload(
+            current.params.size > OFFLOAD_ELEMENTS,
+            waited_reply,
+            current.spec,
+            current.meta,
+            current.params,
+            step_input.ret,
+            call.binary_response,
         )
+
+    # reads ----------------------------------------------------------------------------
+
+    async def load_current(self, tenant: str, session_id: str, with_state: bool = False) -> Current:
+        """The session's meta, spec and params of one version (from this replica's cache
+        when it holds the stored version), and its state when `with_state`."""
+        meta = await self.owned_meta(tenant, session_id, refresh=True)
+        spec = Spec.load(meta.spec)
+        cached = self.cache.get(session_id)
+        if cached is not None and cached.version == meta.version:
+            return Current(meta, spec, cached.params, cached.state, None)
+        self._round_trip("read")
+        got = await self.store.read(session_id)
+        if got is None or got[0].tenant != tenant:
+            raise SessionNotFound()
+        meta, blobs = got
+        params = np.frombuffer(blobs.params, dtype=spec.dtype.newbyteorder("<"))
+        state = None
+        if with_state:
+            state = await self.offload(
+                len(blobs.state) > OFFLOAD_BYTES, OptState.from_bytes, blobs.state
+            )
+        return Current(meta, spec, params, state, blobs.state)
+
+    async def wait_version(
+        self, tenant: str, session_id: str, target: int, timeout: float
+    ) -> SessionMeta | None:
+        """Poll the session's meta until its `version` (params_version) is at least
+        `target`: that meta, or None after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        delay = WAIT_POLL_FIRST
+        while True:
+            meta = await self.owned_meta(tenant, session_id)
+            if meta.params_version >= target:
+                return meta
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            await anyio.sleep(min(delay, left))
+            delay = min(delay * 1.5, WAIT_POLL_MAX)
 
     def _replay(self, record: IdempotencyRecord, fp: str) -> Reply:
         if record.fingerprint != fp:
@@ -460,7 +487,7 @@ class Engine:
                 "momenta": None if momenta is None else momenta.tolist(),
             }
 
-        return await self._offload(request.steps > 1000, run)
+        return await self.offload(request.steps > 1000, run)
 
     # health -----------------------------------------------------------------------------
 
@@ -474,7 +501,7 @@ class Engine:
 
     # helpers ----------------------------------------------------------------------------
 
-    async def _owned_meta(self, tenant: str, session_id: str, refresh: bool = False) -> SessionMeta:
+    async def owned_meta(self, tenant: str, session_id: str, refresh: bool = False) -> SessionMeta:
         """The session's meta if it exists and is `tenant`'s; 404 (the same) otherwise."""
         if not _SESSION_ID.fullmatch(session_id):
             raise SessionNotFound()
@@ -493,7 +520,7 @@ class Engine:
             if known[0] != tenant:
                 raise SessionNotFound()
             return known[1]
-        meta = await self._owned_meta(tenant, session_id)
+        meta = await self.owned_meta(tenant, session_id)
         spec = Spec.load(meta.spec)
         self._remember_spec(session_id, tenant, spec)
         return spec
@@ -508,31 +535,35 @@ class Engine:
         m.STORE_ROUND_TRIPS.labels(op).inc()
 
     @staticmethod
-    async def _offload(big: bool, func: Callable[..., T], *args: Any) -> T:
+    async def offload(big: bool, func: Callable[..., T], *args: Any) -> T:
         """`func(*args)`, in a worker thread when `big` (the event loop keeps serving)."""
         if big:
             return await anyio.to_thread.run_sync(func, *args)
         return func(*args)
 
 
-def _restore_segments(
-    layout: FlatLayout,
-    names: tuple[str, ...],
-    params: np.ndarray,
-    state: OptState,
-    new_params: np.ndarray,
-    new_state: OptState,
-) -> None:
-    """Put the segments of `names` back as they were before the step, in `new_params`
-    and in every array of `new_state` (both are the step's own copies: `update(...,
-    inplace=False)`); an array made by this step (a lazy buffer) gets zeros there, not
-    what a zero gradient (plus weight decay) made of it."""
-    for name in names:
-        seg = layout[name]
-        if seg.size == 0:
-            continue
-        lo, hi = seg.offset, seg.stop
-        new_params[lo:hi] = params[lo:hi]
-        for key, array in new_state.arrays.items():
-            old = state.arrays.get(key)
-            array[lo:hi] = 0 if old is None else old[lo:hi]
+def _run(
+    compute: Compute,
+    spec: Spec,
+    meta: SessionMeta,
+    blobs: SessionBlobs | None,
+    cached: Cached | None,
+) -> Computed:
+    """`compute` on the loaded blobs (or on the cached arrays when the blobs were not read)."""
+    if blobs is not None:
+        params = np.frombuffer(blobs.params, dtype=spec.dtype.newbyteorder("<"))
+        state = OptState.from_bytes(blobs.state)
+    else:
+        assert cached is not None
+        params, state = cached.params, cached.state
+    return compute(meta, params, state)
+
+
+def _pending_doc(spec: Spec, meta: SessionMeta) -> dict[str, int]:
+    assert spec.sync is not None
+    pending = pending_of(meta)
+    return {
+        "base_version": int(pending["base_version"]),
+        "count": int(pending["count"]),
+        "accumulate": spec.sync.accumulate,
+    }

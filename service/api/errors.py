@@ -71,8 +71,11 @@ class ApiError(StarletteHTTPException):
         detail: str | None = None,
         errors: Iterable[FieldError] = (),
         headers: dict[str, str] | None = None,
+        members: dict[str, Any] | None = None,
     ) -> None:
         self.errors: list[FieldError] = list(errors)
+        #: RFC 9457 extension members of this problem (e.g. the session's `version`)
+        self.members: dict[str, Any] = dict(members or {})
         text = detail if detail is not None else self.title
         super().__init__(status_code=self.status, detail=text, headers=headers)
 
@@ -87,6 +90,7 @@ class ApiError(StarletteHTTPException):
             "status": self.status,
             "detail": self.detail,
             "errors": self.errors,
+            **self.members,
         }
 
 
@@ -132,6 +136,49 @@ class VersionConflict(ApiError):
     """409: concurrent steps kept winning the version race; nothing was applied."""
 
     status, slug, title = 409, "version-conflict", "Version conflict"
+
+
+class StaleGradient(ApiError):
+    """409: a gradient computed on a version the session has moved too far from (an async
+    session's `max_staleness`, or any other version in a sync session); members
+    `version` (the session's now) and `base_version` (the one sent)."""
+
+    status, slug, title = 409, "stale-gradient", "Stale gradient"
+
+    def __init__(self, detail: str, version: int, base_version: int) -> None:
+        super().__init__(
+            detail,
+            [field_error(["body", "base_version"], detail)],
+            members={"version": version, "base_version": base_version},
+        )
+
+
+class RangeTestOver(ApiError):
+    """409: a step sent to an LR range-test session whose test has ended."""
+
+    status, slug, title = 409, "range-test-over", "Range test over"
+
+
+class NoAverage(ApiError):
+    """409: averaged params asked for before any step was averaged."""
+
+    status, slug, title = 409, "no-average", "No average yet"
+
+
+class NoRangeTest(ApiError):
+    """404: the range-test result of a session that runs no range test."""
+
+    status, slug, title = 404, "no-range-test", "No range test"
+
+
+class WaitTimeout(ApiError):
+    """408: the version waited for (`min_version`) was not reached in time; member
+    `version` (the session's now). Repeat the request to wait again."""
+
+    status, slug, title = 408, "wait-timeout", "Version not reached in time"
+
+    def __init__(self, detail: str, version: int) -> None:
+        super().__init__(detail, [], members={"version": version})
 
 
 class PayloadTooLarge(ApiError):
@@ -380,7 +427,12 @@ _DESCRIPTIONS = {
     400: "Malformed body (bad JSON, bad safetensors header)",
     401: "Authentication is on and no valid `Authorization: Bearer <key>` was sent",
     404: "No such session, or another tenant's",
-    409: "`Idempotency-Key` still in flight, or a version conflict the server could not resolve",
+    408: "`min_version` not reached within `timeout` (member `version`); repeat to wait again",
+    409: (
+        "`Idempotency-Key` still in flight, or a version conflict the server could not "
+        "resolve, or a stale gradient (members `version`, `base_version`), or a range test "
+        "that is over"
+    ),
     413: "Body over the configured limit",
     415: "Content-Type is neither application/json nor application/octet-stream",
     422: "Well-formed but invalid; `errors` names each field",

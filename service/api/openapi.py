@@ -36,16 +36,28 @@ from service.api.errors import (
     IdempotencyInFlight,
     IdempotencyMismatch,
     Invalid,
+    NoAverage,
+    NoRangeTest,
     PayloadTooLarge,
+    RangeTestOver,
     SessionNotFound,
+    StaleGradient,
     StoreDown,
     Unauthorized,
     UnsupportedMediaType,
     VersionConflict,
+    WaitTimeout,
     field_error,
     invalid,
 )
-from service.api.schemas import SESSION_EXAMPLE, CreateSession, Problem, StepRequest
+from service.api.schemas import (
+    SESSION_EXAMPLE,
+    CreateSession,
+    MetricsRequest,
+    PendingResponse,
+    Problem,
+    StepRequest,
+)
 
 Doc = dict[str, Any]
 
@@ -76,6 +88,13 @@ CONVENTIONS = """
 
 TAGS = [
     {"name": "sessions", "description": "Optimizer sessions: create, read, step, delete."},
+    {
+        "name": "training",
+        "description": (
+            "Training beyond one step (docs/training.md): losses without a step, history, "
+            "LR range test, plots."
+        ),
+    },
     {"name": "schedules", "description": "Learning-rate schedules, without a session."},
     {"name": "health", "description": "Liveness, readiness and Prometheus metrics."},
 ]
@@ -116,6 +135,8 @@ _COUNTERS_3 = {
     "skipped": False,
     "grad_norm": 0.15165752172470093,
     "clipped": False,
+    "staleness": None,
+    "contributors": 1,
 }
 
 
@@ -242,6 +263,16 @@ _RESPONSE_EXAMPLES: dict[str, dict[str, Any]] = {
     "readyz": {"ready": _ex("The store answers", {"status": "ready", "store": "redis"})},
 }
 
+#: examples of a response other than the operation's success (by operationId, status)
+_STATUS_EXAMPLES: dict[tuple[str, str], dict[str, Any]] = {
+    ("stepSession", "202"): {
+        "pending": _ex(
+            "A sync push accumulated, 1 of 4 (docs/training.md)",
+            {"status": "pending", "version": 3, "wait_for": 4, "pending": 1, "accumulate": 4},
+        )
+    },
+}
+
 _RESPONSE_DESCRIPTIONS = {
     "createSession": "Created: the session document",
     "getSession": "The session document",
@@ -250,6 +281,9 @@ _RESPONSE_DESCRIPTIONS = {
     "stepSession": "Applied (or skipped, or replayed): the counters and the lr used, "
     "with params or updates (JSON, or safetensors by `Accept`)",
     "previewSchedule": "The rates (and cycled momenta)",
+    "reportMetrics": "Taken: the counters and the rate the next step will use",
+    "getHistory": "The newest entries, most recent first",
+    "getLRFinder": "The range test so far and its suggestions",
     "healthz": "The process is alive",
     "readyz": "The state store answers",
 }
@@ -270,6 +304,9 @@ def _problem_examples() -> dict[tuple[str, int], dict[str, Any]]:
         f"the body is not valid JSON: {not_json}", [field_error(["body"], not_json)]
     )
     media = "unsupported media type 'text/plain'"
+    conflict = VersionConflict(
+        "the session changed under this step 100 times in a row; nothing was applied, retry"
+    )
     betas = Invalid(
         "betas[0] must be in [0, 1): got 1.2",
         [field_error(["body", "optimizer", "betas", 0], "must be in [0, 1): got 1.2")],
@@ -280,13 +317,7 @@ def _problem_examples() -> dict[tuple[str, int], dict[str, Any]]:
         ("*", 404): {"not-found": _ex(SessionNotFound.title, SessionNotFound().problem())},
         ("*", 409): {
             "in-flight": _ex(IdempotencyInFlight.title, IdempotencyInFlight().problem()),
-            "version-conflict": _ex(
-                VersionConflict.title,
-                VersionConflict(
-                    "the session changed under this step 100 times in a row; nothing was "
-                    "applied, retry"
-                ).problem(),
-            ),
+            "version-conflict": _ex(VersionConflict.title, conflict.problem()),
         },
         ("*", 413): {"too-large": _ex(PayloadTooLarge.title, PayloadTooLarge(1024).problem())},
         ("*", 415): {
@@ -295,6 +326,53 @@ def _problem_examples() -> dict[tuple[str, int], dict[str, Any]]:
                 UnsupportedMediaType(
                     f"Content-Type must be {JSON} or {BINARY}, not 'text/plain'",
                     [field_error(["header", "Content-Type"], media)],
+                ).problem(),
+            )
+        },
+        ("*", 408): {
+            "wait-timeout": _ex(
+                WaitTimeout.title,
+                WaitTimeout(
+                    "version 12 was not reached within 30 s; the session is at version 11; "
+                    "ask again to keep waiting",
+                    11,
+                ).problem(),
+            )
+        },
+        ("stepSession", 409): {
+            "in-flight": _ex(IdempotencyInFlight.title, IdempotencyInFlight().problem()),
+            "version-conflict": _ex(VersionConflict.title, conflict.problem()),
+            "stale-gradient": _ex(
+                StaleGradient.title,
+                StaleGradient(
+                    "the gradient was computed on version 7, 3 versions behind the session "
+                    "(version 10); this session takes at most 2; nothing was applied",
+                    10,
+                    7,
+                ).problem(),
+            ),
+            "range-test-over": _ex(
+                RangeTestOver.title,
+                RangeTestOver(
+                    "the range test is over (diverged) after 61 steps; read GET "
+                    "/v1/sessions/{id}/lr-finder for the result; nothing was applied"
+                ).problem(),
+            ),
+        },
+        ("getParams", 409): {
+            "no-average": _ex(
+                NoAverage.title,
+                NoAverage(
+                    "no step has been averaged into the swa average yet (SWA starts at step "
+                    "100); the session is at step 12"
+                ).problem(),
+            )
+        },
+        ("getLRFinder", 404): {
+            "no-range-test": _ex(
+                NoRangeTest.title,
+                NoRangeTest(
+                    "this session runs no LR range test (create it with 'lr_finder')"
                 ).problem(),
             )
         },
@@ -400,7 +478,13 @@ def finish(doc: Doc) -> Doc:
 
 def _add_models(doc: Doc) -> None:
     _, extra = models_json_schema(
-        [(CreateSession, "validation"), (StepRequest, "validation"), (Problem, "validation")],
+        [
+            (CreateSession, "validation"),
+            (StepRequest, "validation"),
+            (Problem, "validation"),
+            (PendingResponse, "validation"),
+            (MetricsRequest, "validation"),
+        ],
         ref_template="#/components/schemas/{model}",
     )
     components = doc.setdefault("components", {}).setdefault("schemas", {})
@@ -468,7 +552,9 @@ def _finish_response(
         return
     if op_id in _RESPONSE_DESCRIPTIONS:
         response["description"] = _RESPONSE_DESCRIPTIONS[op_id]
-    if JSON in content and op_id in _RESPONSE_EXAMPLES:
+    if JSON in content and (op_id, status) in _STATUS_EXAMPLES:
+        content[JSON]["examples"] = copy.deepcopy(_STATUS_EXAMPLES[op_id, status])
+    elif JSON in content and op_id in _RESPONSE_EXAMPLES and status in ("200", "201"):
         content[JSON]["examples"] = copy.deepcopy(_RESPONSE_EXAMPLES[op_id])
     if BINARY in content:
         _describe_safetensors(content[BINARY])

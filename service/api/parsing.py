@@ -9,7 +9,7 @@ numbers, finiteness unless the session skips non-finite steps) and its loss.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -20,9 +20,12 @@ from pydantic import BaseModel, ValidationError
 from service.api import codecs
 from service.api.errors import Invalid, field_error, invalid, layout_error, spec_error
 from service.api.schemas import CreateSession, StepRequest
-from service.api.spec import Spec
+from service.api.spec import DEFAULT_HISTORY, Spec
 from service.core import FlatLayout, GradientTransforms, find_nonfinite
+from service.core.averaging import parse_ema, parse_swa
+from service.core.consistency import parse_consistency
 from service.core.errors import LayoutError, SpecError
+from service.core.lr_finder import parse_lr_finder_config
 from service.core.optim import get_optimizer, parse_hyper
 from service.core.schedules import parse_schedule
 from service.core.schedules.momentum import supports_momentum
@@ -35,29 +38,41 @@ class StepInput:
     ret: str
     #: tensors the request gave no gradient for (`skip_missing`), in layout order
     missing: tuple[str, ...] = ()
+    #: the version the gradient was computed on (None: not said)
+    base_version: int | None = None
+    #: seconds a sync push waits for its step (0: answer at once)
+    wait: float = 0.0
 
 
-def parse_create(body: bytes, binary: bool, max_params: int) -> tuple[Spec, np.ndarray]:
+#: creation fields carried in binary `__metadata__` as JSON strings
+_JSON_METADATA = ("optimizer", "schedule", "transforms", "lr_finder", "ema", "swa", "consistency")
+
+
+def parse_create(
+    body: bytes, binary: bool, max_params: int, max_history: int = DEFAULT_HISTORY
+) -> tuple[Spec, np.ndarray]:
     """A creation body (JSON or binary) as its spec and flat params, validated; at most
-    `max_params` parameters in all."""
+    `max_params` parameters in all and `max_history` history entries."""
     tensors: dict[str, np.ndarray]
     if binary:
         raw, metadata = codecs.load_binary(body)
         data: dict[str, Any] = {"params": {}}
-        for name in ("optimizer", "schedule", "transforms"):
+        for name in _JSON_METADATA:
             if name in metadata:
                 data[name] = _metadata_json(metadata, name)
         for name in ("dtype", "nonfinite"):
             if name in metadata:
                 data[name] = metadata[name]
-        request = _validate(CreateSession, data)
+        if "history" in metadata:
+            data["history"] = _metadata_int(metadata, "history")
+        request = validate_model(CreateSession, data)
         tensors = {n: codecs.binary_tensor(a, ["body", "params", n]) for n, a in raw.items()}
     else:
-        request = _validate(CreateSession, codecs.load_json(body))
+        request = validate_model(CreateSession, codecs.load_json(body))
         tensors = {
             n: codecs.json_tensor(v, ["body", "params", n]) for n, v in request.params.items()
         }
-    spec = build_spec(request, tensors, max_params)
+    spec = build_spec(request, tensors, max_params, max_history)
     with np.errstate(over="ignore"):
         params = spec.layout.flatten(tensors, spec.dtype)
     if not np.isfinite(params).all():
@@ -70,7 +85,12 @@ def parse_create(body: bytes, binary: bool, max_params: int) -> tuple[Spec, np.n
     return spec, params
 
 
-def build_spec(request: CreateSession, tensors: Mapping[str, np.ndarray], max_params: int) -> Spec:
+def build_spec(
+    request: CreateSession,
+    tensors: Mapping[str, np.ndarray],
+    max_params: int,
+    max_history: int = DEFAULT_HISTORY,
+) -> Spec:
     """The spec of a creation request and its tensors (422 on anything invalid)."""
     if not tensors:
         raise invalid(["body", "params"], "must name at least one tensor")
@@ -110,6 +130,15 @@ def build_spec(request: CreateSession, tensors: Mapping[str, np.ndarray], max_pa
             ["body", "params"],
             f"{layout.total} parameters in all, over this server's limit of {max_params}",
         )
+    history = DEFAULT_HISTORY if request.history is None else request.history
+    if not 0 <= history <= max_history:
+        raise invalid(["body", "history"], f"must be in [0, {max_history}]: got {history}")
+    lr_finder = _feature(parse_lr_finder_config, request.lr_finder, "lr_finder")
+    if lr_finder is not None and schedule is not None:
+        raise invalid(
+            ["body", "schedule"],
+            "a range-test session takes its rates from the lr_finder ramp; leave out schedule",
+        )
     return Spec(
         hp=hp,
         optimizer=get_optimizer(hp.name),
@@ -117,7 +146,26 @@ def build_spec(request: CreateSession, tensors: Mapping[str, np.ndarray], max_pa
         dtype=np.dtype(request.dtype),
         layout=layout,
         transforms=transforms,
+        lr_finder=lr_finder,
+        ema=_feature(parse_ema, request.ema, "ema"),
+        swa=_feature(parse_swa, request.swa, "swa"),
+        consistency=_feature(parse_consistency, request.consistency, "consistency"),
+        history=history,
     )
+
+
+F = TypeVar("F")
+
+
+def _feature(parse: Callable[[Any], F], data: Any, name: str) -> F:
+    """`parse(data)` with a spec error reported under `["body", name, ...]`; None stays
+    None unless the parser gives a default for it (consistency)."""
+    if data is None and name != "consistency":
+        return None  # type: ignore[return-value]
+    try:
+        return parse(data)
+    except SpecError as exc:
+        raise spec_error(exc, ["body", name]) from None
 
 
 def parse_step(spec: Spec, body: bytes, binary: bool) -> StepInput:
@@ -131,10 +179,18 @@ def parse_step(spec: Spec, body: bytes, binary: bool) -> StepInput:
         if ret not in ("params", "updates", "none"):
             raise invalid(["body", "return"], f"must be params, updates or none: got {ret!r}")
         skip_missing = codecs.metadata_bool(metadata, "skip_missing", ["body", "skip_missing"])
+        options: dict[str, Any] = {"grads": {}}
+        if "base_version" in metadata:
+            options["base_version"] = _metadata_int(metadata, "base_version")
+        if "wait" in metadata:
+            options["wait"] = codecs.metadata_number(metadata, "wait", ["body", "wait"])
+        request = validate_model(StepRequest, options)
     else:
-        request = _validate(StepRequest, codecs.load_json(body))
+        request = validate_model(StepRequest, codecs.load_json(body))
         arrays = {n: codecs.json_tensor(v, ["body", "grads", n]) for n, v in request.grads.items()}
         loss, ret, skip_missing = request.loss, request.return_, request.skip_missing
+    base_version, wait = request.base_version, request.wait
+    _check_features(spec, loss, ret, skip_missing, base_version)
     missing: tuple[str, ...] = ()
     if skip_missing:
         missing = tuple(n for n in spec.layout.names if n not in arrays)
@@ -148,17 +204,48 @@ def parse_step(spec: Spec, body: bytes, binary: bool) -> StepInput:
         raise layout_error(exc, ["body", "grads"]) from None
     # refuse here, before an idempotency key is claimed or a transaction opened
     finite = bool(np.isfinite(grads).all())
-    if not finite and spec.transforms.nonfinite != "skip":
+    range_test_diverged = spec.lr_finder is not None and not math.isfinite(loss or 0.0)
+    if not finite and spec.transforms.nonfinite != "skip" and not range_test_diverged:
         raise nonfinite_grads(*find_nonfinite(grads, spec.layout))
-    if finite and loss is not None and not math.isfinite(loss):
+    if finite and loss is not None and not math.isfinite(loss) and spec.lr_finder is None:
         raise invalid(["body", "loss"], f"must be a finite number: got {loss}")
-    return StepInput(grads, loss, ret, missing)
+    return StepInput(grads, loss, ret, missing, base_version, wait)
+
+
+def _check_features(
+    spec: Spec, loss: float | None, ret: str, skip_missing: bool, base_version: int | None
+) -> None:
+    """What the session's training features ask of a step (docs/training.md)."""
+    if spec.lr_finder is not None and loss is None:
+        raise invalid(["body", "loss"], "a range-test session needs the loss of every step")
+    sync = spec.sync
+    if sync is not None:
+        if base_version is None:
+            raise invalid(
+                ["body", "base_version"],
+                "a sync session needs base_version, the version the gradient was computed on",
+            )
+        if skip_missing:
+            raise invalid(["body", "skip_missing"], "is not available in sync sessions")
+        if ret == "updates":
+            raise invalid(
+                ["body", "return"],
+                "updates are not available in sync sessions (a waiting push's update would "
+                "span other workers' gradients); ask for params",
+            )
+    elif base_version is None and getattr(spec.consistency, "max_staleness", None) is not None:
+        raise invalid(
+            ["body", "base_version"],
+            "this session limits staleness (max_staleness): send base_version, the version "
+            "the gradient was computed on",
+        )
 
 
 M = TypeVar("M", bound=BaseModel)
 
 
-def _validate(model: type[M], data: Any) -> M:
+def validate_model(model: type[M], data: Any) -> M:
+    """`model` validated from `data`; errors as a 422 naming each field under `body`."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -177,6 +264,16 @@ def nonfinite_grads(count: int, names: list[str]) -> Invalid:
         f"{count} non-finite gradient values in {', '.join(map(repr, names))}; nothing was applied",
         [field_error(["body", "grads", n], msg) for n in names],
     )
+
+
+def _metadata_int(metadata: Mapping[str, str], name: str) -> int:
+    text = metadata[name]
+    try:
+        return int(text)
+    except ValueError:
+        raise invalid(
+            ["body", name], f"must be an integer written as a string, not {text!r}"
+        ) from None
 
 
 def _metadata_json(metadata: Mapping[str, str], name: str) -> Any:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 
+from service.api import views
 from service.api.auth import EngineDep, Tenant
 from service.api.codecs import JSON, is_binary
 from service.api.errors import UnsupportedMediaType, field_error, problems
-from service.api.schemas import PreviewRequest, PreviewResponse
+from service.api.schemas import PreviewPlotRequest, PreviewRequest, PreviewResponse
 
 
 async def json_only(request: Request) -> None:
@@ -32,3 +33,20 @@ async def preview(request: PreviewRequest, _: Tenant, engine: EngineDep) -> Prev
     """The rate at steps `0 .. steps-1`: exactly what a session with that optimizer `lr`
     and schedule would use (and the cycled momentum, for schedules that cycle one)."""
     return PreviewResponse.model_validate(await engine.preview(request))
+
+
+@router.post(
+    "/preview.png",
+    summary="Plot a schedule",
+    operation_id="previewSchedulePlot",
+    response_class=Response,
+    responses={
+        200: {"description": "a PNG image", "content": {"image/png": {}}},
+        **problems(400, 401, 413, 415, 422),
+    },
+)
+async def preview_png(request: PreviewPlotRequest, _: Tenant, engine: EngineDep) -> Response:
+    """The preview's rates (and cycled momentum) against the step as a PNG, with
+    `current_step` marked when given."""
+    data = await views.preview_png(engine, request)
+    return Response(data, media_type="image/png", headers={"Cache-Control": "no-store"})

@@ -6,10 +6,11 @@ responses carrying tensors follow `Accept` (`application/octet-stream` for safet
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Path, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 
+from service.api import views
 from service.api.auth import EngineDep, Tenant
 from service.api.codecs import BINARY, JSON, FastJSONResponse, Reply, wants_binary
 from service.api.engine import StepCall
@@ -120,16 +121,43 @@ async def delete_session(session_id: SessionId, tenant: Tenant, engine: EngineDe
         **_tensor_response(
             "ParamsResponse",
             "The tensors are the params, in the session's dtype (F32 or F64). `__metadata__` "
-            "keys: `step`, `version` (integers as strings).",
+            "keys: `step`, `version` (integers as strings), and with `average`: `average`, "
+            "`averaged_steps`.",
         ),
-        **problems(401, 404, 503),
+        **problems(401, 404, 408, 409, 422, 503),
     },
 )
 async def get_params(
-    session_id: SessionId, request: Request, tenant: Tenant, engine: EngineDep
+    session_id: SessionId,
+    request: Request,
+    tenant: Tenant,
+    engine: EngineDep,
+    average: Annotated[
+        Literal["ema", "swa"] | None,
+        Query(description="the EMA or SWA of the params instead (extension)"),
+    ] = None,
+    min_version: Annotated[
+        int | None,
+        Query(ge=0, description="wait until the session's version is at least this (extension)"),
+    ] = None,
+    timeout: Annotated[
+        float,
+        Query(gt=0, le=60, description="seconds to wait for min_version (408 after)"),
+    ] = 30.0,
 ) -> Response:
+    """The current params with `step` and `version`; `average=ema|swa` answers the
+    averaged params (and `averaged_steps`); `min_version` waits for that version first."""
     binary = wants_binary(request.headers.get("accept"))
-    return _send(await engine.read_params(tenant, session_id, binary))
+    reply = await views.read_params(
+        engine,
+        tenant,
+        session_id,
+        binary,
+        average=average,
+        min_version=min_version,
+        timeout=timeout,
+    )
+    return _send(reply)
 
 
 @router.post(
@@ -138,13 +166,17 @@ async def get_params(
     operation_id="stepSession",
     response_model=StepResponse,
     responses={
+        202: {
+            "description": "a sync push accumulated; the step is not applied yet (extension)",
+            "content": {JSON: {"schema": {"$ref": "#/components/schemas/PendingResponse"}}},
+        },
         **_tensor_response(
             "StepResponse",
             "The tensors are the new params (`return: params`, the default), the updates "
             "(`return: updates`, new minus old params) or none (`return: none`), in the "
             "session's dtype. `__metadata__` keys (strings): `step`, `version`, `lr`, "
             "`skipped` and `clipped` (`true` / `false`), `grad_norm` (absent when the "
-            "gradient was non-finite) and `return`.",
+            "gradient was non-finite), `staleness`, `contributors` and `return`.",
         ),
         **problems(400, 401, 404, 409, 413, 415, 422, 503),
     },
@@ -152,7 +184,8 @@ async def get_params(
         "StepRequest",
         "The tensors are the `grads`, one per parameter with its registered shape. "
         "`__metadata__` keys (optional): `loss` (a number written as a string, e.g. "
-        '`"0.73"`) and `return` (`params`, `updates` or `none`).',
+        '`"0.73"`), `return` (`params`, `updates` or `none`), `skip_missing`, '
+        "`base_version` and `wait` (extensions).",
     ),
 )
 async def step(

@@ -117,6 +117,39 @@ class CreateSession(BaseModel):
             'commit a skipped step that changes nothing but the version ("skip") (extension)'
         ),
     )
+    lr_finder: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "run an LR range test: `start_lr` (1e-7), `end_lr` (10), `num_steps` (100), "
+            "`mode` (exp | linear), `smooth_f` (0.05), `diverge_th` (5); every step needs "
+            "its loss (docs/training.md) (extension)"
+        ),
+        examples=[{"start_lr": 1e-7, "end_lr": 10.0, "num_steps": 100}],
+    )
+    ema: dict[str, Any] | None = Field(
+        None,
+        description="keep an EMA of the params: `decay` (0.999), `bias_correction` (true)",
+        examples=[{"decay": 0.999, "bias_correction": True}],
+    )
+    swa: dict[str, Any] | None = Field(
+        None,
+        description="keep a stochastic weight average: `start` (0), `every` (1)",
+        examples=[{"start": 100}],
+    )
+    consistency: dict[str, Any] | Literal["async", "sync"] | None = Field(
+        None,
+        description=(
+            'how concurrent workers combine: {"mode": "async", "max_staleness": S, '
+            '"staleness_damping": "none" | "inverse"} (default) or {"mode": "sync", '
+            '"accumulate": K, "reduce": "mean" | "sum"} (extension)'
+        ),
+        examples=[{"mode": "sync", "accumulate": 4}],
+    )
+    history: int | None = Field(
+        None,
+        strict=True,
+        description="history entries kept (default 1000; 0 keeps none) (extension)",
+    )
 
 
 class StepRequest(BaseModel):
@@ -163,6 +196,26 @@ class StepRequest(BaseModel):
             "still advances (bias corrections use the session's step) (extension)"
         ),
     )
+    base_version: int | None = Field(
+        None,
+        ge=0,
+        strict=True,
+        description=(
+            "the version of the params the gradient was computed on: staleness checks "
+            "and damping, sync accumulation (extension)"
+        ),
+    )
+    wait: float = Field(
+        0.0,
+        ge=0.0,
+        le=60.0,
+        strict=True,
+        allow_inf_nan=False,
+        description=(
+            "sync sessions: seconds a push that does not complete the accumulation waits "
+            "for the step before answering 202 (extension)"
+        ),
+    )
 
 
 class TensorInfo(BaseModel):
@@ -198,6 +251,12 @@ SESSION_EXAMPLE: dict[str, Any] = {
     "skipped": 0,
     "created_at": 1795266012.1014316,
     "updated_at": 1795266012.1014316,
+    "lr_finder": None,
+    "ema": None,
+    "swa": None,
+    "consistency": {"mode": "async", "max_staleness": None, "staleness_damping": "none"},
+    "history": 1000,
+    "pending": None,
 }
 
 
@@ -219,6 +278,15 @@ class SessionDoc(BaseModel):
     skipped: int = Field(0, description="steps skipped for non-finite gradients (extension)")
     created_at: float = Field(0.0, description="Unix time (extension)")
     updated_at: float = Field(0.0, description="Unix time (extension)")
+    lr_finder: dict[str, Any] | None = Field(None, description="range test (extension)")
+    ema: dict[str, Any] | None = Field(None, description="EMA settings (extension)")
+    swa: dict[str, Any] | None = Field(None, description="SWA settings (extension)")
+    consistency: dict[str, Any] | None = Field(None, description="(extension)")
+    history: int = Field(0, description="history entries kept (extension)")
+    pending: dict[str, int] | None = Field(
+        None,
+        description="sync sessions: `base_version`, `count` pushed, `accumulate` (extension)",
+    )
 
 
 class StepResponse(BaseModel):
@@ -248,8 +316,80 @@ class StepResponse(BaseModel):
         None, description="norm of the incoming gradient (null when non-finite) (extension)"
     )
     clipped: bool = Field(False, description="clipping changed the gradient (extension)")
+    staleness: int | None = Field(
+        None, description="version - base_version (null without base_version) (extension)"
+    )
+    contributors: int = Field(1, description="gradients combined into this step (extension)")
     params: TensorSet | None = Field(None, description='with "return": "params" (default)')
     updates: TensorSet | None = Field(None, description='with "return": "updates"')
+
+
+class PendingResponse(BaseModel):
+    """`202` to a sync push that did not complete the accumulation (docs/training.md)."""
+
+    status: Literal["pending"] = "pending"
+    version: int = Field(description="the version the gradient was accumulated against")
+    wait_for: int = Field(description="the version the step will make")
+    pending: int = Field(description="gradients accumulated so far")
+    accumulate: int = Field(description="gradients per step")
+
+
+class MetricsRequest(BaseModel):
+    """`POST /v1/sessions/{id}/metrics`: a loss reported without a step."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"loss": 0.42}]})
+
+    loss: float = Field(strict=True, allow_inf_nan=False, description="the loss to report")
+
+
+class MetricsResponse(BaseModel):
+    step: int
+    version: int
+    lr: float = Field(description="the rate the next step will use, after this loss")
+    observed: bool = Field(description="a loss-driven schedule took the loss")
+
+
+class HistoryEntry(BaseModel):
+    kind: Literal["step", "metrics"]
+    step: int
+    version: int
+    time: float
+    lr: float
+    loss: float | None = None
+    grad_norm: float | None = None
+    update_norm: float | None = None
+    skipped: bool | None = None
+    staleness: int | None = None
+    contributors: int | None = None
+
+
+class HistoryResponse(BaseModel):
+    limit: int = Field(description="entries the session keeps")
+    entries: list[HistoryEntry] = Field(description="most recent first")
+
+
+class SuggestionModel(BaseModel):
+    method: str
+    lr: float | None
+    index: int | None = None
+    loss: float | None = None
+    reason: str | None = None
+    reference: str
+
+
+class LRFinderResponse(BaseModel):
+    """`GET /v1/sessions/{id}/lr-finder`: the range test so far and its suggestions."""
+
+    config: dict[str, Any]
+    lrs: list[float]
+    losses: list[float]
+    smoothed: list[float]
+    best_loss: float | None
+    done: bool
+    stop_reason: Literal["completed", "diverged"] | None
+    nonfinite_lr: float | None
+    next_lr: float | None
+    suggestions: dict[str, SuggestionModel]
 
 
 class ParamsResponse(BaseModel):
@@ -282,6 +422,14 @@ class PreviewRequest(BaseModel):
     schedule: ScheduleSpec
     steps: Annotated[int, Field(ge=1, le=100_000, strict=True)] = Field(
         100, description="rates for steps 0 .. steps-1 (at most 100000)"
+    )
+
+
+class PreviewPlotRequest(PreviewRequest):
+    """`POST /v1/schedules/preview.png`: a preview request, and a step to mark."""
+
+    current_step: Annotated[int, Field(ge=0, strict=True)] | None = Field(
+        None, description="a step to mark (below `steps`)"
     )
 
 
@@ -329,14 +477,27 @@ class Problem(BaseModel):
     status: int
     detail: str
     errors: list[ProblemField]
+    version: int | None = Field(
+        None, description="the session's version now (stale-gradient, wait-timeout)"
+    )
+    base_version: int | None = Field(
+        None, description="the base_version the request sent (stale-gradient)"
+    )
 
 
 __all__ = [
     "CreateSession",
     "Dtype",
     "Health",
+    "HistoryEntry",
+    "HistoryResponse",
+    "LRFinderResponse",
+    "MetricsRequest",
+    "MetricsResponse",
     "NonFinitePolicy",
     "ParamsResponse",
+    "PendingResponse",
+    "PreviewPlotRequest",
     "PreviewRequest",
     "PreviewResponse",
     "Problem",

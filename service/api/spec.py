@@ -1,27 +1,35 @@
 """A session's parsed spec: `Spec`, what it stores, and its schedule state as JSON.
 
 `Spec` is the validated configuration of a session (optimizer hyperparameters, schedule,
-dtype, layout, gradient transforms). `Spec.stored()` is what `SessionMeta.spec` holds and
-`Spec.load()` parses it back; the schedule state goes through `encode_schedule_state` /
-`decode_schedule_state` (non-finite floats as strings, since JSON cannot hold them).
+dtype, layout, gradient transforms, and the training features of docs/training.md: LR
+range test, parameter averages, consistency, history length). `Spec.stored()` is what
+`SessionMeta.spec` holds and `Spec.load()` parses it back (a spec stored before a field
+existed loads with that field's default); the schedule state goes through
+`encode_schedule_state` / `decode_schedule_state` (non-finite floats as strings, since
+JSON cannot hold them).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from service.core import FlatLayout, GradientTransforms
+from service.core.averaging import EMAConfig, SWAConfig, parse_ema, parse_swa
+from service.core.consistency import Consistency, SyncConsistency, parse_consistency
+from service.core.lr_finder import LRFinderConfig, parse_lr_finder_config, ramp_lr
 from service.core.optim import Hyper, Optimizer, get_optimizer, parse_hyper
 from service.core.schedules import Schedule, ScheduleState, parse_schedule
 from service.core.schedules.momentum import with_momentum
 
 #: the format tag of a stored spec
 SPEC_FORMAT = 1
+#: history entries a session keeps unless its spec says otherwise
+DEFAULT_HISTORY = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +42,20 @@ class Spec:
     dtype: np.dtype[Any]
     layout: FlatLayout
     transforms: GradientTransforms
+    lr_finder: LRFinderConfig | None = None
+    ema: EMAConfig | None = None
+    swa: SWAConfig | None = None
+    consistency: Consistency = field(default_factory=lambda: parse_consistency(None))
+    history: int = DEFAULT_HISTORY
+
+    @property
+    def sync(self) -> SyncConsistency | None:
+        """The sync settings, when workers' gradients are accumulated."""
+        return self.consistency if isinstance(self.consistency, SyncConsistency) else None
+
+    @property
+    def averaging(self) -> bool:
+        return self.ema is not None or self.swa is not None
 
     def stored(self) -> dict[str, Any]:
         """The spec as JSON-safe data (non-finite floats as strings, which parse back)."""
@@ -45,6 +67,11 @@ class Spec:
             "layout": [[s.name, list(s.shape)] for s in self.layout.specs],
             "transforms": _json_safe(self.transforms.model_dump()),
             "nonfinite": self.transforms.nonfinite,
+            "lr_finder": _dump(self.lr_finder),
+            "ema": _dump(self.ema),
+            "swa": _dump(self.swa),
+            "consistency": self.consistency.model_dump(mode="json"),
+            "history": self.history,
         }
 
     @classmethod
@@ -58,10 +85,18 @@ class Spec:
             dtype=np.dtype(stored["dtype"]),
             layout=FlatLayout.from_shapes((n, tuple(s)) for n, s in stored["layout"]),
             transforms=GradientTransforms.model_validate(stored.get("transforms") or {}),
+            lr_finder=_maybe(parse_lr_finder_config, stored.get("lr_finder")),
+            ema=_maybe(parse_ema, stored.get("ema")),
+            swa=_maybe(parse_swa, stored.get("swa")),
+            consistency=parse_consistency(stored.get("consistency")),
+            history=int(stored.get("history", DEFAULT_HISTORY)),
         )
 
-    def lr(self, t: int, schedule_state: ScheduleState | None) -> float:
-        """The rate of step `t`."""
+    def lr(self, t: int, schedule_state: ScheduleState | None, ramp_step: int = 0) -> float:
+        """The rate of step `t` (of a range test: its ramp's rate at `ramp_step`, the
+        count of losses it holds, or the last rate once the ramp is over)."""
+        if self.lr_finder is not None:
+            return ramp_lr(self.lr_finder, min(ramp_step, self.lr_finder.num_steps - 1))
         if self.schedule is None:
             return float(self.hp.lr)
         return float(self.schedule.lr(t, self.hp.lr, schedule_state))
@@ -71,6 +106,14 @@ class Spec:
         if self.schedule is None:
             return self.hp
         return with_momentum(self.hp, self.schedule.momentum(t))
+
+
+def _dump(model: Any) -> dict[str, Any] | None:
+    return None if model is None else dict(model.model_dump(mode="json"))
+
+
+def _maybe(parse: Any, data: Any) -> Any:
+    return None if data is None else parse(data)
 
 
 def _json_safe(value: Any) -> Any:

@@ -133,16 +133,29 @@ def lr_finder_png(
 
 
 def schedule_png(
-    schedule: Schedule, base_lr: float, steps: int, current_step: int | None = None
+    schedule: Schedule | None,
+    base_lr: float,
+    steps: int,
+    current_step: int | None = None,
+    *,
+    rates: np.ndarray | None = None,
+    title: str | None = None,
 ) -> bytes:
     """The schedule's rate for steps `0 .. steps - 1`, its cycled momentum (beta1) on a
-    second axis when it cycles one, and `current_step` marked when given."""
+    second axis when it cycles one, and `current_step` marked when given.
+
+    `rates` replaces the schedule's own (a session's rates that depend on reported
+    losses, or a range test's ramp; NaN where unknown); `schedule=None` is a constant
+    `base_lr`."""
     if steps < 1:
         raise CoreError(f"steps must be >= 1: got {steps}")
     if current_step is not None and not 0 <= current_step < steps:
         raise CoreError(f"current_step must be in [0, {steps}): got {current_step}")
-    rates = schedule.lrs(steps, base_lr)
-    momenta = schedule.momenta(steps)
+    if rates is None:
+        rates = np.full(steps, base_lr) if schedule is None else schedule.lrs(steps, base_lr)
+    elif len(rates) != steps:
+        raise CoreError(f"rates must hold {steps} values: got {len(rates)}")
+    momenta = None if schedule is None else schedule.momenta(steps)
     t = np.arange(steps)
     fig = _new_figure()
     ax = fig.add_subplot()
@@ -181,7 +194,8 @@ def schedule_png(
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
     ax.legend(handles, labels, loc="best", fontsize=9)
-    ax.set_title(f"{schedule.name} schedule, base lr {base_lr:g}, {steps} steps", fontsize=10)
+    name = "constant" if schedule is None else schedule.name
+    ax.set_title(title or f"{name} schedule, base lr {base_lr:g}, {steps} steps", fontsize=10)
     return _png(fig)
 
 

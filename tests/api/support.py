@@ -236,6 +236,9 @@ class ProxyStore:
     async def count_sessions(self) -> int:
         return await self.inner.count_sessions()
 
+    async def history(self, session_id: str, limit: int) -> list[bytes]:
+        return await self.inner.history(session_id, limit)
+
 
 class SwitchableStore(ProxyStore):
     """A store that can be made unreachable: then every method raises StoreUnavailable."""
@@ -290,6 +293,10 @@ class SwitchableStore(ProxyStore):
         self._check()
         return await super().count_sessions()
 
+    async def history(self, session_id: str, limit: int) -> list[bytes]:
+        self._check()
+        return await super().history(session_id, limit)
+
 
 class _LosingTx:
     def __init__(self, tx: SessionTx, on_commit: Callable[[], None]) -> None:
@@ -310,6 +317,8 @@ class _LosingTx:
         blobs: SessionBlobs | None,
         idempotency: IdempotencyRecord | None = None,
         idempotency_ttl: int | None = None,
+        history: bytes | None = None,
+        history_limit: int = 0,
     ) -> bool:
         self.on_commit()
         return False

@@ -32,9 +32,13 @@ API_MD: dict[tuple[str, str], set[str]] = {
     ("/v1/sessions", "post"): {"201", "400", "401", "413", "415", "422", "503"},
     ("/v1/sessions/{session_id}", "get"): {"200", "401", "404", "503"},
     ("/v1/sessions/{session_id}", "delete"): {"204", "401", "404", "503"},
-    ("/v1/sessions/{session_id}/params", "get"): {"200", "401", "404", "503"},
+    ("/v1/sessions/{session_id}/params", "get"): {
+        *("200", "401", "404", "503"),
+        *("408", "409", "422"),  # average / min_version (docs/training.md)
+    },
     ("/v1/sessions/{session_id}/step", "post"): {
         "200",
+        "202",
         "400",
         "401",
         "404",
@@ -45,6 +49,15 @@ API_MD: dict[tuple[str, str], set[str]] = {
         "503",
     },
     ("/v1/schedules/preview", "post"): {"200", "400", "401", "413", "415", "422"},
+    # docs/training.md
+    ("/v1/schedules/preview.png", "post"): {"200", "400", "401", "413", "415", "422"},
+    ("/v1/sessions/{session_id}/metrics", "post"): {
+        *("200", "400", "401", "404", "409", "413", "415", "422", "503"),
+    },
+    ("/v1/sessions/{session_id}/history", "get"): {"200", "401", "404", "422", "503"},
+    ("/v1/sessions/{session_id}/lr-finder", "get"): {"200", "401", "404", "503"},
+    ("/v1/sessions/{session_id}/lr-finder.png", "get"): {"200", "401", "404", "503"},
+    ("/v1/sessions/{session_id}/schedule.png", "get"): {"200", "401", "404", "422", "503"},
     ("/healthz", "get"): {"200"},
     ("/readyz", "get"): {"200", "503"},
     ("/metrics", "get"): {"200"},

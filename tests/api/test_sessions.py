@@ -122,7 +122,10 @@ async def test_return_kinds_json(api: Api, kind: str) -> None:
             want = after[n] - np.asarray(PARAMS[n], np.float32)
             np.testing.assert_array_equal(np.asarray(body["updates"][n], np.float32), want)
     else:
-        assert set(body) == {"step", "version", "lr", "skipped", "grad_norm", "clipped"}
+        assert set(body) == {
+            *("step", "version", "lr", "skipped", "grad_norm", "clipped"),
+            *("staleness", "contributors"),
+        }
     assert body["version"] == 1
 
 

@@ -1,0 +1,126 @@
+"""`/v1/sessions/{id}/...` for training beyond one step (docs/training.md): losses without
+a step, the history, the LR range test's result and plot, the schedule plot."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+
+from service.api import views
+from service.api.auth import EngineDep, Tenant
+from service.api.codecs import JSON, FastJSONResponse
+from service.api.engine import StepCall
+from service.api.errors import problems
+from service.api.routes_sessions import IdempotencyKey, SessionId
+from service.api.schemas import HistoryResponse, LRFinderResponse, MetricsResponse
+
+router = APIRouter(prefix="/v1/sessions", tags=["training"])
+
+PNG = "image/png"
+_PNG_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"description": "a PNG image", "content": {PNG: {}}}
+}
+
+
+def _png(data: bytes) -> Response:
+    return Response(data, media_type=PNG, headers={"Cache-Control": "no-store"})
+
+
+@router.post(
+    "/{session_id}/metrics",
+    summary="Report a loss without a step",
+    operation_id="reportMetrics",
+    response_model=MetricsResponse,
+    responses=problems(400, 401, 404, 409, 413, 415, 422, 503),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {JSON: {"schema": {"$ref": "#/components/schemas/MetricsRequest"}}},
+        }
+    },
+)
+async def report_metrics(
+    session_id: SessionId,
+    request: Request,
+    tenant: Tenant,
+    engine: EngineDep,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    """A loss-driven schedule (`plateau`) takes the loss as if it came with a step; the
+    params and their `version` stay. The loss goes into the history either way."""
+    call = StepCall(
+        tenant=tenant,
+        session_id=session_id,
+        body=await request.body(),
+        content_type=request.headers.get("content-type"),
+        binary_response=False,
+        idempotency_key=idempotency_key,
+        method=request.method,
+        path=request.url.path,
+    )
+    reply = await engine.metrics(call)
+    return Response(reply.body, reply.status, headers=reply.headers, media_type=reply.media_type)
+
+
+@router.get(
+    "/{session_id}/history",
+    summary="Read the step history",
+    operation_id="getHistory",
+    response_model=HistoryResponse,
+    responses=problems(401, 404, 422, 503),
+)
+async def get_history(
+    session_id: SessionId,
+    tenant: Tenant,
+    engine: EngineDep,
+    limit: Annotated[int, Query(ge=1, le=10_000, description="entries to return")] = 100,
+) -> Response:
+    """Step, rate, loss, gradient norm and update norm per step (and reported losses),
+    most recent first, at most the session's `history` entries."""
+    return FastJSONResponse(await views.history(engine, tenant, session_id, limit))
+
+
+@router.get(
+    "/{session_id}/lr-finder",
+    summary="Read the LR range test",
+    operation_id="getLRFinder",
+    response_model=LRFinderResponse,
+    responses=problems(401, 404, 503),
+)
+async def get_lr_finder(session_id: SessionId, tenant: Tenant, engine: EngineDep) -> Response:
+    """The rates, raw and smoothed losses, stop reason and suggestions of the session's
+    range test."""
+    return FastJSONResponse(await views.lr_finder(engine, tenant, session_id))
+
+
+@router.get(
+    "/{session_id}/lr-finder.png",
+    summary="Plot the LR range test",
+    operation_id="getLRFinderPlot",
+    response_class=Response,
+    responses={**_PNG_RESPONSE, **problems(401, 404, 503)},
+)
+async def get_lr_finder_png(session_id: SessionId, tenant: Tenant, engine: EngineDep) -> Response:
+    """Loss against rate, the smoothed curve over the raw one, the suggestions marked."""
+    return _png(await views.lr_finder_png(engine, tenant, session_id))
+
+
+@router.get(
+    "/{session_id}/schedule.png",
+    summary="Plot the session's schedule",
+    operation_id="getSchedulePlot",
+    response_class=Response,
+    responses={**_PNG_RESPONSE, **problems(401, 404, 422, 503)},
+)
+async def get_schedule_png(
+    session_id: SessionId,
+    tenant: Tenant,
+    engine: EngineDep,
+    steps: Annotated[
+        int | None,
+        Query(ge=1, le=views.MAX_PLOT_STEPS, description="steps drawn (max(100, 2 * step))"),
+    ] = None,
+) -> Response:
+    """The rate (and cycled momentum) against the step, the current step marked."""
+    return _png(await views.schedule_png(engine, tenant, session_id, steps))

@@ -1,0 +1,463 @@
+"""What a step, a pushed gradient or a reported loss does to a loaded session (pure).
+
+The engine loads a session inside a store transaction and calls one of these with its
+meta, params and state; they return what to commit (`Computed`: the new meta, the new
+blobs or None to keep them, the encoded answer, the arrays to cache and the history
+entry) and never write what they were given (optimizers run with `inplace=False`).
+Refusals raise `ApiError`s before anything is committed (DESIGN.md, decision 5).
+
+**The state blob** holds the optimizer's `OptState` plus the session's own entries,
+whose names carry a dot (no optimizer's do): `ema.*` and `swa.*` (parameter averages,
+`service.core.averaging`) and `acc.sum` (a sync session's accumulated gradient).
+`split_state` / `join_state` separate and reunite them.
+
+**Per step** `t` (= steps applied before it): the rate is the schedule's (or, in a
+range-test session, the ramp's at the count of losses in; in an async session with
+`staleness_damping: inverse`, divided by `1 + staleness`), the optimizer's
+hyperparameters get the schedule's cycled momentum, the gradient goes through the
+session's transforms, then `optimizer.update`. After the update a loss-driven schedule
+(`plateau`) and the range test fold in the step's loss, the averages take in the new
+params, and a history entry records step, rate, loss, gradient norm and update norm.
+
+**Version.** `meta.version` is the store's revision (every commit bumps it);
+`meta.params_version` is the `version` clients see (docs/training.md): bumped by every
+step, applied or skipped, and by nothing else.
+
+**Sync sessions** (`consistency.mode = "sync"`): a push must be computed on the
+current version; it is added to `acc.sum` and counted in `meta.extra["pending"]`; the
+push that makes the count `accumulate` applies the combined gradient as one step (mean
+or sum) with the mean of the pushes' losses (when all sent one). The others answer 202.
+`meta.extra["last"]` keeps the last step's rate and norms for pushes that wait for it.
+
+**Tensors without a gradient** (`skip_missing`): the flat update runs with zeros in
+their segments, after which their segments of the params and of every optimizer state
+array are put back as they were, bit for bit (`_restore_segments`); see the engine's
+docstring for how that compares with torch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from service.api import codecs
+from service.api.cache import Cached
+from service.api.codecs import Reply
+from service.api.errors import RangeTestOver, StaleGradient, invalid
+from service.api.parsing import StepInput, nonfinite_grads
+from service.api.spec import Spec, decode_schedule_state, encode_schedule_state
+from service.core import FlatLayout, apply_transforms
+from service.core.averaging import update_averages
+from service.core.consistency import (
+    AsyncConsistency,
+    ConsistencyError,
+    damped_lr,
+    reduce_grads,
+    staleness,
+    too_stale,
+)
+from service.core.lr_finder import LRFinderState
+from service.core.lr_finder import observe as observe_range_test
+from service.core.state import OptState
+from service.store.base import SessionBlobs, SessionMeta
+
+#: the state entry holding a sync session's accumulated gradient
+ACC_SUM = "acc.sum"
+
+
+@dataclass(slots=True)
+class Computed:
+    """What to commit and answer."""
+
+    meta: SessionMeta
+    blobs: SessionBlobs | None
+    reply: Reply
+    cached: Cached
+    #: applied | skipped | pending | metrics (the step-duration metric's label)
+    outcome: str
+    history: bytes | None = None
+
+
+# --- the state blob ----------------------------------------------------------------------
+
+
+def split_state(state: OptState) -> tuple[OptState, OptState]:
+    """(the optimizer's state, the session's own entries: names with a dot)."""
+    opt = OptState(
+        {k: v for k, v in state.arrays.items() if "." not in k},
+        {k: v for k, v in state.scalars.items() if "." not in k},
+    )
+    own = OptState(
+        {k: v for k, v in state.arrays.items() if "." in k},
+        {k: v for k, v in state.scalars.items() if "." in k},
+    )
+    return opt, own
+
+
+def join_state(*parts: OptState) -> OptState:
+    """One state holding every part's entries (the parts' names do not overlap)."""
+    joined = OptState()
+    for part in parts:
+        joined.arrays.update(part.arrays)
+        joined.scalars.update(part.scalars)
+    return joined
+
+
+def _only(state: OptState, prefixes: tuple[str, ...], keep: bool) -> OptState:
+    """The entries whose names start with one of `prefixes` (or, `keep=False`, the rest)."""
+    return OptState(
+        {k: v for k, v in state.arrays.items() if k.startswith(prefixes) == keep},
+        {k: v for k, v in state.scalars.items() if k.startswith(prefixes) == keep},
+    )
+
+
+_AVERAGES = ("ema.", "swa.")
+
+
+# --- meta helpers ------------------------------------------------------------------------
+
+
+def range_test_state(meta: SessionMeta) -> LRFinderState:
+    data = meta.extra.get("lr_finder")
+    return LRFinderState() if data is None else LRFinderState.model_validate(data)
+
+
+def pending_of(meta: SessionMeta) -> dict[str, Any]:
+    """A sync session's accumulation: `base_version`, `count`, `losses` (None once a push
+    came without a loss)."""
+    pending = meta.extra.get("pending")
+    if pending is None or pending.get("base_version") != meta.params_version:
+        return {"base_version": meta.params_version, "count": 0, "losses": []}
+    return dict(pending)
+
+
+def current_lr(spec: Spec, meta: SessionMeta) -> float:
+    """The rate the next step will use (before any staleness damping)."""
+    ramp = len(range_test_state(meta).lrs) if spec.lr_finder is not None else 0
+    return spec.lr(meta.step, decode_schedule_state(meta.schedule_state), ramp)
+
+
+# --- a step ------------------------------------------------------------------------------
+
+
+def compute_step(
+    spec: Spec,
+    meta: SessionMeta,
+    params: np.ndarray,
+    state: OptState,
+    step_input: StepInput,
+    binary: bool,
+) -> Computed:
+    """One pushed gradient on the loaded session: a step, or (sync) an accumulation."""
+    opt, own = split_state(state)
+    version = meta.params_version
+    try:
+        stale = staleness(version, step_input.base_version)
+    except ConsistencyError as exc:
+        raise invalid(["body", "base_version"], str(exc)) from None
+    if spec.lr_finder is not None:
+        finder = range_test_state(meta)
+        if finder.done:
+            raise RangeTestOver(
+                f"the range test is over ({finder.stop_reason}) after {len(finder.lrs)} "
+                "steps; read GET /v1/sessions/{id}/lr-finder for the result; nothing was applied"
+            )
+    grads, loss, contributors = step_input.grads, step_input.loss, 1
+    extra = dict(meta.extra)
+    sync = spec.sync
+    if sync is not None:
+        assert step_input.base_version is not None  # parse_step insists
+        if stale != 0:
+            raise StaleGradient(
+                f"this sync session is at version {version}; a gradient computed on version "
+                f"{step_input.base_version} is late (pull the params again); nothing was "
+                "accumulated",
+                version,
+                step_input.base_version,
+            )
+        pending = pending_of(meta)
+        count = int(pending["count"]) + 1
+        total = grads.copy() if count == 1 else np.add(own.arrays[ACC_SUM], grads)
+        losses = pending["losses"]
+        losses = None if losses is None or loss is None else [*losses, loss]
+        if count < sync.accumulate:
+            own.arrays[ACC_SUM] = total
+            extra["pending"] = {"base_version": version, "count": count, "losses": losses}
+            return _pending(spec, meta, params, join_state(opt, own), extra, count)
+        grads = reduce_grads(total, count, sync.reduce)
+        loss = None if losses is None else float(np.mean(losses))
+        contributors = count
+        own.arrays.pop(ACC_SUM, None)
+        extra["pending"] = {"base_version": version + 1, "count": 0, "losses": []}
+    elif too_stale(spec.consistency, stale):
+        assert step_input.base_version is not None
+        assert stale is not None
+        limit = getattr(spec.consistency, "max_staleness", None)
+        raise StaleGradient(
+            f"the gradient was computed on version {step_input.base_version}, {stale} "
+            f"versions behind the session (version {version}); this session takes at most "
+            f"{limit}; nothing was applied",
+            version,
+            step_input.base_version,
+        )
+    return _apply(
+        spec, meta, params, opt, own, extra, grads, loss, step_input, stale, contributors, binary
+    )
+
+
+def _apply(
+    spec: Spec,
+    meta: SessionMeta,
+    params: np.ndarray,
+    opt: OptState,
+    own: OptState,
+    extra: dict[str, Any],
+    grads: np.ndarray,
+    loss: float | None,
+    step_input: StepInput,
+    stale: int | None,
+    contributors: int,
+    binary: bool,
+) -> Computed:
+    t = meta.step
+    schedule_state = decode_schedule_state(meta.schedule_state)
+    finder = range_test_state(meta) if spec.lr_finder is not None else None
+    lr = spec.lr(t, schedule_state, 0 if finder is None else len(finder.lrs))
+    if isinstance(spec.consistency, AsyncConsistency):
+        lr = damped_lr(lr, stale, spec.consistency.staleness_damping)
+    now = time.time()
+    result = apply_transforms(spec.transforms, grads, spec.layout)
+    diverged = finder is not None and loss is not None and not math.isfinite(loss)
+    new_params, new_state = params, join_state(opt, own)
+    update_norm = 0.0
+    if diverged or result.nonfinite:
+        if result.nonfinite and not diverged and spec.transforms.nonfinite != "skip":
+            raise nonfinite_grads(result.nonfinite, result.nonfinite_tensors)  # parse_step did
+        if diverged:  # a non-finite loss ends the range test; the step is not applied
+            assert finder is not None
+            assert spec.lr_finder is not None
+            assert loss is not None
+            extra["lr_finder"] = observe_range_test(spec.lr_finder, finder, loss).model_dump()
+        new_meta = meta.evolve(
+            version=meta.version + 1,
+            params_version=meta.params_version + 1,
+            skipped=meta.skipped + 1,
+            extra=extra,
+            updated_at=now,
+        )
+        # params and optimizer state stay; a sync session's accumulator was emptied
+        new_blobs = None
+        if spec.sync is not None:
+            new_blobs = SessionBlobs(params.tobytes(), new_state.to_bytes())
+        skipped = True
+    else:
+        new_params, new_opt = spec.optimizer.update(
+            spec.hyper_at(t), result.grads, opt, params, lr, spec.layout, inplace=False
+        )
+        if step_input.missing:
+            _restore_segments(spec.layout, step_input.missing, params, opt, new_params, new_opt)
+        if spec.schedule is not None and spec.schedule.stateful and loss is not None:
+            assert schedule_state is not None
+            schedule_state = spec.schedule.observe(schedule_state, loss)
+        if finder is not None and spec.lr_finder is not None and loss is not None:
+            extra["lr_finder"] = observe_range_test(spec.lr_finder, finder, loss).model_dump()
+        if spec.averaging:
+            averages = update_averages(
+                spec.ema, spec.swa, _only(own, _AVERAGES, True), new_params, t + 1
+            )
+            own = join_state(_only(own, _AVERAGES, False), averages)
+        new_state = join_state(new_opt, own)
+        if spec.history > 0:
+            delta = np.subtract(new_params, params)
+            update_norm = float(np.sqrt(np.dot(delta, delta)))
+        new_meta = meta.evolve(
+            version=meta.version + 1,
+            params_version=meta.params_version + 1,
+            step=meta.step + 1,
+            schedule_state=encode_schedule_state(schedule_state),
+            extra=extra,
+            updated_at=now,
+        )
+        new_blobs = SessionBlobs(new_params.tobytes(), new_state.to_bytes())
+        skipped = False
+    grad_norm = result.grad_norm if math.isfinite(result.grad_norm) else None
+    if spec.sync is not None:
+        extra["last"] = {
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "clipped": result.clipped,
+            "skipped": skipped,
+        }
+    counters: dict[str, Any] = {
+        "step": new_meta.step,
+        "version": new_meta.params_version,
+        "lr": lr,
+        "skipped": skipped,
+        "grad_norm": grad_norm,
+        "clipped": result.clipped,
+        "staleness": stale,
+        "contributors": contributors,
+    }
+    tensors: dict[str, np.ndarray] | None = None
+    if step_input.ret == "params":
+        tensors = spec.layout.unflatten(new_params)
+    elif step_input.ret == "updates":
+        tensors = spec.layout.unflatten(np.subtract(new_params, params))
+    reply = _tensor_reply(counters, step_input.ret, tensors, binary)
+    entry = None
+    if spec.history > 0:
+        entry = orjson.dumps(
+            {
+                "kind": "step",
+                "step": new_meta.step,
+                "version": new_meta.params_version,
+                "time": now,
+                "lr": lr,
+                "loss": loss if loss is None or math.isfinite(loss) else None,
+                "grad_norm": grad_norm,
+                "update_norm": update_norm,
+                "skipped": skipped,
+                "staleness": stale,
+                "contributors": contributors,
+            }
+        )
+    return Computed(
+        new_meta,
+        new_blobs,
+        reply,
+        Cached(new_meta.version, new_params, new_state),
+        "skipped" if skipped else "applied",
+        entry,
+    )
+
+
+def _pending(
+    spec: Spec,
+    meta: SessionMeta,
+    params: np.ndarray,
+    state: OptState,
+    extra: dict[str, Any],
+    count: int,
+) -> Computed:
+    """A sync push that does not complete the accumulation: commit it, answer 202."""
+    assert spec.sync is not None
+    version = meta.params_version
+    new_meta = meta.evolve(version=meta.version + 1, extra=extra, updated_at=time.time())
+    body = {
+        "status": "pending",
+        "version": version,
+        "wait_for": version + 1,
+        "pending": count,
+        "accumulate": spec.sync.accumulate,
+    }
+    location = f"/v1/sessions/{meta.id}/params?min_version={version + 1}"
+    reply = codecs.json_reply(body, status=202, headers={"Location": location})
+    blobs = SessionBlobs(params.tobytes(), state.to_bytes())
+    return Computed(new_meta, blobs, reply, Cached(new_meta.version, params, state), "pending")
+
+
+def _tensor_reply(
+    counters: dict[str, Any], ret: str, tensors: dict[str, np.ndarray] | None, binary: bool
+) -> Reply:
+    if binary:
+        return codecs.binary_reply(tensors or {}, {**counters, "return": ret})
+    body = dict(counters)
+    if tensors is not None:
+        body[ret] = tensors
+    return codecs.json_reply(body)
+
+
+def waited_reply(
+    spec: Spec, meta: SessionMeta, params: np.ndarray, ret: str, binary: bool
+) -> Reply:
+    """The answer to a sync push whose step happened while it waited: the counters and
+    params of the version the wait ended on, with that version's step's rate and norms."""
+    last = meta.extra.get("last") or {}
+    counters: dict[str, Any] = {
+        "step": meta.step,
+        "version": meta.params_version,
+        "lr": float(last.get("lr", current_lr(spec, meta))),
+        "skipped": bool(last.get("skipped", False)),
+        "grad_norm": last.get("grad_norm"),
+        "clipped": bool(last.get("clipped", False)),
+        "staleness": 0,
+        "contributors": spec.sync.accumulate if spec.sync is not None else 1,
+    }
+    tensors = spec.layout.unflatten(params) if ret == "params" else None
+    return _tensor_reply(counters, ret, tensors, binary)
+
+
+# --- a reported loss ---------------------------------------------------------------------
+
+
+def compute_metrics(
+    spec: Spec, meta: SessionMeta, params: np.ndarray, state: OptState, loss: float
+) -> Computed:
+    """A loss reported without a step: a loss-driven schedule takes it; the params and
+    their version stay."""
+    if spec.lr_finder is not None:
+        raise invalid(
+            ["body", "loss"], "a range-test session takes its losses with its steps, not here"
+        )
+    schedule_state = decode_schedule_state(meta.schedule_state)
+    observed = spec.schedule is not None and spec.schedule.stateful
+    if observed:
+        assert spec.schedule is not None
+        assert schedule_state is not None
+        schedule_state = spec.schedule.observe(schedule_state, loss)
+    now = time.time()
+    new_meta = meta.evolve(
+        version=meta.version + 1,
+        schedule_state=encode_schedule_state(schedule_state),
+        updated_at=now,
+    )
+    lr = current_lr(spec, new_meta)
+    body = {"step": meta.step, "version": meta.params_version, "lr": lr, "observed": observed}
+    entry = None
+    if spec.history > 0:
+        entry = orjson.dumps(
+            {
+                "kind": "metrics",
+                "step": meta.step,
+                "version": meta.params_version,
+                "time": now,
+                "lr": lr,
+                "loss": loss,
+            }
+        )
+    return Computed(
+        new_meta,
+        None,
+        codecs.json_reply(body),
+        Cached(new_meta.version, params, state),
+        "metrics",
+        entry,
+    )
+
+
+def _restore_segments(
+    layout: FlatLayout,
+    names: tuple[str, ...],
+    params: np.ndarray,
+    state: OptState,
+    new_params: np.ndarray,
+    new_state: OptState,
+) -> None:
+    """Put the segments of `names` back as they were before the step, in `new_params`
+    and in every array of `new_state` (both are the step's own copies: `update(...,
+    inplace=False)`); an array made by this step (a lazy buffer) gets zeros there, not
+    what a zero gradient (plus weight decay) made of it."""
+    for name in names:
+        seg = layout[name]
+        if seg.size == 0:
+            continue
+        lo, hi = seg.offset, seg.stop
+        new_params[lo:hi] = params[lo:hi]
+        for key, array in new_state.arrays.items():
+            old = state.arrays.get(key)
+            array[lo:hi] = 0 if old is None else old[lo:hi]
