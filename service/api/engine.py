@@ -5,30 +5,26 @@ talks to the store, calls the core and returns the encoded answer (`codecs.Reply
 raises an `ApiError`. It owns three concerns the routes should not see:
 
 **Validation before any write** (DESIGN.md, decision 5). Create parses the optimizer
-(`parse_hyper`), the schedule (`parse_schedule`), checks that a schedule cycling the
-momentum has a momentum or beta1 to cycle, that the params are finite and within
-`settings.max_params`, before anything is stored. A step checks its gradients against
-the session's layout (names, shapes, numbers, finiteness unless the session skips
-non-finite steps) and its loss before it claims an idempotency key or opens a
-transaction.
+(`parse_hyper`), the schedule (`parse_schedule`), the training settings of
+docs/training.md, checks that a schedule cycling the momentum has a momentum or beta1
+to cycle, that the params are finite and within `settings.max_params`, before anything
+is stored. A step checks its gradients against the session's layout (names, shapes,
+numbers, finiteness unless the session skips non-finite steps), its loss and what the
+session's features ask of it (`parsing._check_features`) before it claims an
+idempotency key or opens a transaction.
 
-**The step transaction** (decision 3). Up to `settings.max_commit_retries` times: inside
-`store.transaction(id)`, `load()` the session, passing the version this replica holds
-in its cache (`cache.SessionCache`, an LRU bounded by count and bytes) so that the blobs are
-not read again when it is current; compute the step; `commit()` meta (step + 1, version
-+ 1, schedule state), blobs and the idempotency record at once, if the version is still
-the loaded one. On a conflict, load and compute again. The cache is refreshed only
-after a commit succeeded. NumPy work on a large session (decoding, the update,
-encoding the answer) runs in a worker thread, so the event loop keeps serving.
-
-Per step `t` (= steps applied before it): `lr = schedule.lr(t, optimizer.lr, state)`
-(constant `optimizer.lr` without a schedule), the optimizer's hyperparameters get the
-schedule's cycled momentum (`with_momentum`), the gradient goes through the session's
-transforms (clipping; a non-finite gradient is refused with 422 or, with
-`nonfinite: "skip"`, committed as a skipped step: version + 1, `skipped` + 1, step,
-params and state unchanged), then `optimizer.update(..., inplace=False)`. A loss-driven
-schedule (`plateau`) observes the step's `loss` after the update; without a loss it
-does not advance.
+**The transaction** (decision 3), shared by steps and reported losses (`_transact`): up
+to `settings.max_commit_retries` times, inside `store.transaction(id)`, `load()` the
+session, passing the revision this replica holds in its cache (`cache.SessionCache`,
+an LRU bounded by count and bytes) so that the blobs are not read again when it is
+current; compute (`stepping.compute_step` / `compute_metrics`: pure, see that module
+for what a step does); `commit()` meta, blobs, the idempotency record and the history
+entry at once, if the revision is still the loaded one. On a conflict, load and compute
+again. The cache is refreshed only after a commit succeeded. NumPy work on a large
+session (decoding, the update, encoding the answer) runs in a worker thread, so the
+event loop keeps serving. A sync push answered 202 may then wait (`wait`) for the step
+that completes its accumulation, by polling the session's version (`wait_version`, also
+behind `GET .../params?min_version=`).
 
 **Tensors without a gradient** (`"skip_missing": true`; PyTorch skips a parameter whose
 `.grad` is None). `grads` may then omit tensors: the flat update runs with zeros in
@@ -407,7 +403,7 @@ class Engine:
         if await self.wait_version(call.tenant, call.session_id, target, wait) is None:
             return pending
         current = await self.load_current(call.tenant, call.session_id)
-        return await self.offload(
+        reply = await self.offload(
             current.params.size > OFFLOAD_ELEMENTS,
             waited_reply,
             current.spec,
@@ -416,6 +412,9 @@ class Engine:
             step_input.ret,
             call.binary_response,
         )
+        if "Idempotent-Replayed" in pending.headers:  # a retry: say so, as a replay does
+            reply.headers["Idempotent-Replayed"] = "true"
+        return reply
 
     # reads ----------------------------------------------------------------------------
 
