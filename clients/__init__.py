@@ -37,6 +37,13 @@ calls are retried with backoff (connection errors, timeouts, 409 in flight, 429,
     except ValidationError as exc:
         print(exc.status, exc.detail, [(e.loc, e.msg) for e in exc.errors])
 
+Training over HTTP (docs/training.md): steps carry `base_version` (stale gradients are
+refused: `StaleGradientError`) and, in sync sessions, wait for the accumulated step
+(`step(..., wait=..., block=True)`); `get_params(average="ema")`, `post_metrics`,
+`history`, the range test (`lr_finder`, its plot `lr_finder_png`, and `lr_find`, which
+runs one with a NumPy loss-and-gradient function; `clients.torch.lr_find` for a torch
+model), and schedule plots (`schedule_png`, `preview_schedule_png`).
+
 `clients.tensorfile` is the safetensors codec (NumPy only), shared with the server.
 The names below are imported on first use, so that `import clients.tensorfile` (which
 the server does) does not import httpx.
@@ -49,11 +56,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from clients._base import (
+        HistoryEntry,
+        LRFinderResult,
+        MetricsResult,
         ParamsResult,
         RetryPolicy,
         SchedulePreview,
         Session,
         StepResult,
+        Suggestion,
     )
     from clients.async_client import AsyncOptimizerClient
     from clients.errors import (
@@ -65,22 +76,39 @@ if TYPE_CHECKING:
         FieldError,
         GatewayTimeoutError,
         InternalServerError,
+        NoAverageError,
+        NoRangeTestError,
         NotFoundError,
         OptserveError,
         PayloadTooLargeError,
+        RangeTestOverError,
         RateLimitError,
         ServiceUnavailableError,
+        StaleGradientError,
         TimeoutError,
         UnsupportedMediaTypeError,
         ValidationError,
+        WaitTimeoutError,
     )
+    from clients.lr_finder import lr_find
     from clients.sync import OptimizerClient
 
 _EXPORTS: dict[str, str] = {
     "OptimizerClient": "clients.sync",
     "AsyncOptimizerClient": "clients.async_client",
+    "lr_find": "clients.lr_finder",
     **dict.fromkeys(
-        ["ParamsResult", "RetryPolicy", "SchedulePreview", "Session", "StepResult"],
+        [
+            "HistoryEntry",
+            "LRFinderResult",
+            "MetricsResult",
+            "ParamsResult",
+            "RetryPolicy",
+            "SchedulePreview",
+            "Session",
+            "StepResult",
+            "Suggestion",
+        ],
         "clients._base",
     ),
     **dict.fromkeys(
@@ -93,14 +121,19 @@ _EXPORTS: dict[str, str] = {
             "FieldError",
             "GatewayTimeoutError",
             "InternalServerError",
+            "NoAverageError",
+            "NoRangeTestError",
             "NotFoundError",
             "OptserveError",
             "PayloadTooLargeError",
+            "RangeTestOverError",
             "RateLimitError",
             "ServiceUnavailableError",
+            "StaleGradientError",
             "TimeoutError",
             "UnsupportedMediaTypeError",
             "ValidationError",
+            "WaitTimeoutError",
         ],
         "clients.errors",
     ),
@@ -129,19 +162,29 @@ __all__ = [
     "ConnectionError",
     "FieldError",
     "GatewayTimeoutError",
+    "HistoryEntry",
     "InternalServerError",
+    "LRFinderResult",
+    "MetricsResult",
+    "NoAverageError",
+    "NoRangeTestError",
     "NotFoundError",
     "OptimizerClient",
     "OptserveError",
     "ParamsResult",
     "PayloadTooLargeError",
+    "RangeTestOverError",
     "RateLimitError",
     "RetryPolicy",
     "SchedulePreview",
     "ServiceUnavailableError",
     "Session",
+    "StaleGradientError",
     "StepResult",
+    "Suggestion",
     "TimeoutError",
     "UnsupportedMediaTypeError",
     "ValidationError",
+    "WaitTimeoutError",
+    "lr_find",
 ]

@@ -15,7 +15,11 @@ same names. Everything derives from `OptserveError`:
     ├── BadRequestError             400
     ├── AuthenticationError         401
     ├── NotFoundError               404
-    ├── ConflictError               409  (`in_flight`, `version_conflict`)
+    │   └── NoRangeTestError        404  no-range-test (the session runs no LR range test)
+    ├── ConflictError               409  (`in_flight`, `version_conflict`, `stale`, ...)
+    │   ├── StaleGradientError      409  stale-gradient (`current_version`, `base_version`)
+    │   ├── RangeTestOverError      409  range-test-over
+    │   └── NoAverageError          409  no-average
     ├── PayloadTooLargeError        413
     ├── UnsupportedMediaTypeError   415
     ├── ValidationError             422
@@ -26,8 +30,12 @@ same names. Everything derives from `OptserveError`:
     │       └── GatewayTimeoutError 504
     ├── ConnectionError             (also builtins.ConnectionError)
     └── TimeoutError                (also builtins.TimeoutError)
+        └── WaitTimeoutError        408  wait-timeout (`current_version`)
 
-Another status is a plain `OptserveError` with that `status`.
+Another status is a plain `OptserveError` with that `status`. Where the problem `type`
+names a narrower class of its status (the ones with a slug above), that class is
+raised. A problem's extension members (anything but type, title, status, detail,
+errors) are the error's `members` dict.
 """
 
 from __future__ import annotations
@@ -67,7 +75,8 @@ class OptserveError(Exception):
     """Base of every error of the clients.
 
     For an answer of the server: `status`, and the problem's `type`, `title`, `detail`
-    and `errors` (a list of `FieldError`), plus the response `headers`. For a failure
+    and `errors` (a list of `FieldError`), its extension `members` (a dict), plus the
+    response `headers`. For a failure
     on the client's side (`ConnectionError`, `TimeoutError`) `status` is None.
     """
 
@@ -80,6 +89,7 @@ class OptserveError(Exception):
         title: str | None = None,
         errors: Sequence[FieldError] = (),
         headers: Mapping[str, str] | None = None,
+        members: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(detail)
         self.status = status
@@ -88,6 +98,8 @@ class OptserveError(Exception):
         self.detail = detail
         self.errors: list[FieldError] = list(errors)
         self.headers: dict[str, str] = {k.lower(): v for k, v in (headers or {}).items()}
+        #: the problem's extension members (e.g. `version` of a stale-gradient 409)
+        self.members: dict[str, Any] = dict(members or {})
 
     def __str__(self) -> str:
         head = self.detail
@@ -123,17 +135,72 @@ class NotFoundError(OptserveError):
     """404: no such session (or another tenant's)."""
 
 
+class NoRangeTestError(NotFoundError):
+    """404 `no-range-test`: the range-test result of a session made without `lr_finder`."""
+
+
 class ConflictError(OptserveError):
-    """409: the same `Idempotency-Key` is still in flight, or a version conflict the
-    server could not resolve. Nothing was applied; the clients retry both."""
+    """409: nothing was applied. The same `Idempotency-Key` still in flight
+    (`in_flight`) and a version conflict the server could not resolve
+    (`version_conflict`) are retried by the clients; the others are not (sending the
+    same request again cannot succeed): a stale gradient (`StaleGradientError`), a
+    range test that is over (`RangeTestOverError`), no average yet (`NoAverageError`).
+    """
+
+    @property
+    def slug(self) -> str:
+        """The problem type without its `urn:optserve:problem:` prefix."""
+        return (self.type or "").removeprefix(PROBLEM_PREFIX)
 
     @property
     def in_flight(self) -> bool:
-        return (self.type or "").endswith("idempotency-key-in-flight")
+        return self.slug == "idempotency-key-in-flight"
 
     @property
     def version_conflict(self) -> bool:
-        return (self.type or "").endswith("version-conflict")
+        return self.slug == "version-conflict"
+
+    @property
+    def stale(self) -> bool:
+        """The gradient was computed on a version too far behind the session's."""
+        return self.slug == "stale-gradient"
+
+    @property
+    def range_test_over(self) -> bool:
+        """A step sent to an LR range-test session whose test has ended."""
+        return self.slug == "range-test-over"
+
+
+def _int_member(error: OptserveError, name: str) -> int | None:
+    value = error.members.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return int(value)
+
+
+class StaleGradientError(ConflictError):
+    """409 `stale-gradient`: the step's `base_version` is too far behind the session's
+    version (an async session's `max_staleness`; in a sync session any other version).
+    Nothing was applied or accumulated; not retried. `current_version` is the session's
+    version now, `base_version` the one sent (None if the server did not say)."""
+
+    @property
+    def current_version(self) -> int | None:
+        return _int_member(self, "version")
+
+    @property
+    def base_version(self) -> int | None:
+        return _int_member(self, "base_version")
+
+
+class RangeTestOverError(ConflictError):
+    """409 `range-test-over`: a step sent to an LR range-test session whose test has
+    ended (completed or diverged); nothing changed. Not retried."""
+
+
+class NoAverageError(ConflictError):
+    """409 `no-average`: averaged params (`average="ema"`/`"swa"`) asked for before any
+    step was averaged. Not retried."""
 
 
 class PayloadTooLargeError(OptserveError):
@@ -173,13 +240,25 @@ class ConnectionError(OptserveError, builtins.ConnectionError):
 
 
 class TimeoutError(OptserveError, builtins.TimeoutError):
-    """No answer within the client's timeout."""
+    """No answer within the client's timeout, or (a step's `block_timeout`) the step a
+    pending push waits for did not happen in time."""
+
+
+class WaitTimeoutError(TimeoutError):
+    """408 `wait-timeout`: the server waited `timeout` seconds for `min_version` and the
+    session did not reach it; `current_version` is its version then. Repeating the
+    request waits again (a pending step's wait does so itself)."""
+
+    @property
+    def current_version(self) -> int | None:
+        return _int_member(self, "version")
 
 
 STATUS_ERRORS: dict[int, type[OptserveError]] = {
     400: BadRequestError,
     401: AuthenticationError,
     404: NotFoundError,
+    408: WaitTimeoutError,
     409: ConflictError,
     413: PayloadTooLargeError,
     415: UnsupportedMediaTypeError,
@@ -191,12 +270,29 @@ STATUS_ERRORS: dict[int, type[OptserveError]] = {
 }
 
 
-def error_class(status: int) -> type[OptserveError]:
-    """The class of the error for an HTTP status."""
+#: narrower classes by problem type (slug), used when the status is theirs
+TYPE_ERRORS: dict[str, type[OptserveError]] = {
+    "stale-gradient": StaleGradientError,
+    "range-test-over": RangeTestOverError,
+    "no-average": NoAverageError,
+    "no-range-test": NoRangeTestError,
+}
+
+#: the members of a problem that are not extension members
+_STANDARD_MEMBERS = frozenset({"type", "title", "status", "detail", "errors", "instance"})
+
+
+def error_class(status: int, problem_type: str | None = None) -> type[OptserveError]:
+    """The class of the error for an HTTP status (and problem `type`, when a narrower
+    class of that status has it)."""
     cls = STATUS_ERRORS.get(status)
-    if cls is not None:
-        return cls
-    return InternalServerError if status >= 500 else OptserveError
+    if cls is None:
+        cls = InternalServerError if status >= 500 else OptserveError
+    if problem_type is not None and problem_type.startswith(PROBLEM_PREFIX):
+        narrow = TYPE_ERRORS.get(problem_type.removeprefix(PROBLEM_PREFIX))
+        if narrow is not None and issubclass(narrow, cls):
+            return narrow
+    return cls
 
 
 def error_for_status(
@@ -205,14 +301,15 @@ def error_for_status(
     """The error for a response: its problem+json members, or (for a body that is not a
     problem, e.g. from a proxy) the start of its text as `detail`."""
     problem = _problem(content)
-    cls = error_class(status)
     if problem is None:
+        cls = error_class(status)
         text = content[:500].decode("utf-8", "replace").strip()
         return cls(text or reason or f"HTTP {status}", status=status, title=reason, headers=headers)
     errors = [_field_error(e) for e in problem.get("errors") or () if isinstance(e, dict)]
     title = problem.get("title")
     detail = problem.get("detail")
     kind = problem.get("type")
+    cls = error_class(status, str(kind) if kind is not None else None)
     return cls(
         str(detail) if detail is not None else str(title or reason or f"HTTP {status}"),
         status=status,
@@ -220,6 +317,7 @@ def error_for_status(
         title=str(title) if title is not None else reason,
         errors=errors,
         headers=headers,
+        members={k: v for k, v in problem.items() if k not in _STANDARD_MEMBERS},
     )
 
 
@@ -246,14 +344,19 @@ __all__ = [
     "FieldError",
     "GatewayTimeoutError",
     "InternalServerError",
+    "NoAverageError",
+    "NoRangeTestError",
     "NotFoundError",
     "OptserveError",
     "PayloadTooLargeError",
+    "RangeTestOverError",
     "RateLimitError",
     "ServiceUnavailableError",
+    "StaleGradientError",
     "TimeoutError",
     "UnsupportedMediaTypeError",
     "ValidationError",
+    "WaitTimeoutError",
     "error_class",
     "error_for_status",
 ]

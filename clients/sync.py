@@ -8,15 +8,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 import httpx
 
 from clients._base import (
+    BLOCK_TIMEOUT,
     DEFAULT_TIMEOUT,
     Attempts,
     BaseClient,
     Call,
+    Flow,
+    HistoryEntry,
+    LRFinderResult,
+    MetricsResult,
     ParamsResult,
     RetryPolicy,
     ReturnKind,
@@ -60,13 +65,18 @@ class OptimizerClient(BaseClient):
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         super().__init__(
-            base_url, api_key, binary=binary, max_retries=max_retries, retry_policy=retry_policy
+            base_url,
+            api_key,
+            binary=binary,
+            timeout=timeout,
+            max_retries=max_retries,
+            retry_policy=retry_policy,
         )
         self._sleep = sleep
         self._http = httpx.Client(
             base_url=self.base_url,
             headers=self._default_headers(),
-            timeout=timeout,
+            timeout=self.timeout,
             transport=transport,
         )
 
@@ -98,12 +108,36 @@ class OptimizerClient(BaseClient):
         dtype: Any = "float32",
         transforms: Mapping[str, Any] | None = None,
         nonfinite: str | None = None,
+        lr_finder: Mapping[str, Any] | None = None,
+        ema: Mapping[str, Any] | None = None,
+        swa: Mapping[str, Any] | None = None,
+        consistency: str | Mapping[str, Any] | None = None,
+        history: int | None = None,
     ) -> Session:
         """Register `params` (name -> array) with an optimizer spec (`{"name": "adam",
         "lr": 1e-3, ...}`, torch.optim names) and an optional schedule; `dtype` is the
         session's (`"float32"` or `"float64"`); `transforms` (`{"clip_norm": 1.0}`) and
-        `nonfinite` (`"error"` or `"skip"`) are the server's gradient handling."""
-        call = self._create_call(params, optimizer, schedule, dtype, transforms, nonfinite)
+        `nonfinite` (`"error"` or `"skip"`) are the server's gradient handling.
+
+        Training extensions (docs/training.md; each sent only when given): `lr_finder`
+        (an LR range test: `{"start_lr", "end_lr", "num_steps", "mode", "smooth_f",
+        "diverge_th"}`, `{}` for the defaults), `ema` (`{"decay", "bias_correction"}`),
+        `swa` (`{"start", "every"}`), `consistency` (`"async"`, `"sync"`, or
+        `{"mode", "max_staleness", "staleness_damping", "accumulate", "reduce"}`) and
+        `history` (how many history entries to keep)."""
+        call = self._create_call(
+            params,
+            optimizer,
+            schedule,
+            dtype,
+            transforms,
+            nonfinite,
+            lr_finder=lr_finder,
+            ema=ema,
+            swa=swa,
+            consistency=consistency,
+            history=history,
+        )
         return self._run(call)
 
     def get_session(self, session_id: str) -> Session:
@@ -123,6 +157,10 @@ class OptimizerClient(BaseClient):
         return_: ReturnKind = "params",
         idempotency_key: str | None = None,
         skip_missing: bool = False,
+        base_version: int | None = None,
+        wait: float | None = None,
+        block: bool = True,
+        block_timeout: float | None = BLOCK_TIMEOUT,
     ) -> StepResult:
         """Apply one gradient (a tensor per parameter) and answer the new params
         (`return_="params"`), the updates (`"updates"`) or neither (`"none"`).
@@ -131,13 +169,77 @@ class OptimizerClient(BaseClient):
         None): those keep their params and optimizer state (server extension).
 
         Every retry of the step sends the same `Idempotency-Key` (`idempotency_key`, or
-        a fresh uuid4), so the step is applied exactly once."""
-        call = self._step_call(session_id, grads, loss, return_, idempotency_key, skip_missing)
+        a fresh uuid4), so the step is applied exactly once.
+
+        `base_version`: the version of the params the gradient was computed on (the
+        session refuses a stale one: `StaleGradientError`, not retried). `wait` (0 to 60
+        s, sent only when given): how long the server holds a sync push that does not
+        complete the accumulation for the step to happen. A push still pending after
+        that (202) is, with `block` (the default), followed by polls for the version it
+        waits for (`GET .../params?min_version=...`) until the step happened (the result
+        is then `status "applied"` with those params and `lr` NaN: see `StepResult`) or
+        `block_timeout` seconds (None: no limit) have passed (`clients.errors.
+        TimeoutError`); with `block=False` the pending result is returned at once."""
+        return self._drive(
+            self._step_flow(
+                session_id,
+                grads,
+                loss=loss,
+                return_=return_,
+                idempotency_key=idempotency_key,
+                skip_missing=skip_missing,
+                base_version=base_version,
+                wait=wait,
+                block=block,
+                block_timeout=block_timeout,
+            )
+        )
+
+    def get_params(
+        self,
+        session_id: str,
+        *,
+        average: Literal["ema", "swa"] | None = None,
+        min_version: int | None = None,
+        timeout: float | None = None,
+    ) -> ParamsResult:
+        """The session's current params and the step/version they belong to.
+
+        `average`: the session's EMA or SWA of the params instead (`NoAverageError`
+        before any step was averaged). `min_version`: wait until the session's version
+        is at least that, for up to `timeout` seconds (the server's default 30, at most
+        60), else `WaitTimeoutError` (408)."""
+        call = self._params_call(
+            session_id, average=average, min_version=min_version, timeout=timeout
+        )
         return self._run(call)
 
-    def get_params(self, session_id: str) -> ParamsResult:
-        """The session's current params and the step/version they belong to."""
-        return self._run(self._params_call(session_id))
+    def post_metrics(
+        self, session_id: str, loss: float, *, idempotency_key: str | None = None
+    ) -> MetricsResult:
+        """Report a loss without a step (a `plateau` schedule takes it in; the history
+        records it). Retries send the same `Idempotency-Key` (`idempotency_key`, or a
+        fresh uuid4), so it is taken in once."""
+        return self._run(self._metrics_call(session_id, loss, idempotency_key))
+
+    def history(self, session_id: str, limit: int = 100) -> list[HistoryEntry]:
+        """The session's last `limit` history entries (steps and metrics), most recent
+        first."""
+        return self._run(self._history_call(session_id, limit))
+
+    def lr_finder(self, session_id: str) -> LRFinderResult:
+        """The LR range test of a session made with `lr_finder` (so far, or its end),
+        with the suggested rates (`NoRangeTestError` for another session)."""
+        return self._run(self._lr_finder_call(session_id))
+
+    def lr_finder_png(self, session_id: str) -> bytes:
+        """The range test's plot (loss against rate, suggestions marked), a PNG."""
+        return self._run(self._lr_finder_png_call(session_id))
+
+    def schedule_png(self, session_id: str, steps: int | None = None) -> bytes:
+        """The session's rate over steps `0 .. steps-1` (default: the server's,
+        `max(100, 2 * step)`) with the current step marked, a PNG."""
+        return self._run(self._schedule_png_call(session_id, steps))
 
     def preview_schedule(
         self, schedule: Mapping[str, Any], *, lr: float, steps: int
@@ -146,14 +248,35 @@ class OptimizerClient(BaseClient):
         `0 .. steps-1` (and the cycled momentum, for schedules that cycle one)."""
         return self._run(self._preview_call(schedule, lr, steps))
 
+    def preview_schedule_png(
+        self, schedule: Mapping[str, Any], lr: float, steps: int, current_step: int | None = None
+    ) -> bytes:
+        """`preview_schedule` drawn (a PNG), with `current_step` marked when given."""
+        return self._run(self._preview_png_call(schedule, lr, steps, current_step))
+
     # I/O -----------------------------------------------------------------------------------
+
+    def _drive(self, flow: Flow[T]) -> T:
+        """Run a flow of calls (clients/_base.py): each call, its answer sent back."""
+        try:
+            call = next(flow)
+            while True:
+                call = flow.send(self._run(call))
+        except StopIteration as done:
+            result: T = done.value
+            return result
 
     def _run(self, call: Call[T]) -> T:
         attempts = Attempts(call, self.retry_policy)
+        timeout = httpx.USE_CLIENT_DEFAULT if call.timeout is None else call.timeout
         while True:
             try:
                 response = self._http.request(
-                    call.method, call.path, content=call.content, headers=call.headers
+                    call.method,
+                    call.path,
+                    content=call.content,
+                    headers=call.headers,
+                    timeout=timeout,
                 )
             except httpx.TransportError as exc:
                 delay = attempts.after_error(exc)

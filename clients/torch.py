@@ -50,24 +50,49 @@ How it maps to torch:
   device, of one floating dtype: float32 or float64 (the session's `dtype`). Sparse
   gradients are refused.
 
+Distributed training (docs/training.md): several `RemoteOptimizer`s (one per worker,
+each with its model replica) may step one session (`session_id=`). Every step sends
+`base_version`, the version of the params the gradients were computed on:
+
+* **sync sessions** (`consistency={"mode": "sync", "accumulate": K}`): a push that does
+  not complete the accumulation waits for the step, first on the server (`wait`, sent
+  with each step of a sync session, default 30 s), then by polling for the version it
+  waits for; so `step()` returns once the K gradients were applied, with the new params
+  in the model. When the step's rate is unknown (the params of a poll carry none),
+  `param_groups[0]["lr"]` keeps its value.
+* **stale gradients** (an async session's `max_staleness`, or a sync session that moved
+  on): the server refuses the step (nothing applied). `step()` then pulls the session's
+  current params into the model, counts the refusal in `stale_refusals` and returns
+  without raising (the gradients are dropped: compute the next ones on the fresh
+  params); `raise_on_stale=True` raises the `StaleGradientError` instead (after the
+  pull).
+
+`averaged_state("ema" | "swa")` reads a session's parameter average (made with `ema=` /
+`swa=`) as tensors; `lr_find(model, loss_fn, data)` runs an LR range test of the model
+on the server and restores its weights afterwards.
+
 This module is the only one of `clients` that imports torch.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import suppress
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from clients import OptimizerClient
-from clients.errors import OptserveError
+from clients._base import LRFinderResult
+from clients.errors import OptserveError, StaleGradientError
+from clients.lr_finder import lr_find as _lr_find_numpy
 
-__all__ = ["RemoteOptimizer"]
+__all__ = ["RemoteOptimizer", "lr_find"]
 
 _DTYPES: dict[torch.dtype, str] = {torch.float32: "float32", torch.float64: "float64"}
 StateDict = dict[str, Any]
@@ -85,7 +110,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
     session instead of creating one (its params are copied into the model; `optimizer`
     and `schedule` are then not needed, and not used: the session has its own).
     `transforms` / `nonfinite`: the session's gradient clipping and non-finite policy
-    (API extensions), passed to `create_session`.
+    (API extensions), and `consistency`, `ema`, `swa`, `history` (docs/training.md),
+    passed to `create_session` (not used with `session_id`). `wait`: the server-side
+    wait of each step in a sync session (seconds, at most 60; None: not sent, the
+    client polls). `raise_on_stale`: raise `StaleGradientError` on a stale gradient
+    (after pulling the current params) instead of counting it in `stale_refusals` and
+    returning (see the module docstring).
     """
 
     def __init__(
@@ -99,6 +129,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
         session_id: str | None = None,
         transforms: Mapping[str, Any] | None = None,
         nonfinite: str | None = None,
+        consistency: str | Mapping[str, Any] | None = None,
+        ema: Mapping[str, Any] | None = None,
+        swa: Mapping[str, Any] | None = None,
+        history: int | None = None,
+        wait: float | None = 30.0,
+        raise_on_stale: bool = False,
     ) -> None:
         items = list(
             named_parameters.items() if isinstance(named_parameters, Mapping) else named_parameters
@@ -126,6 +162,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.session_id = ""
         self.server_step = 0
         self.version = 0
+        #: steps refused as stale (whose gradients were dropped)
+        self.stale_refusals = 0
+        self.wait = None if wait is None else float(wait)
+        self.raise_on_stale = raise_on_stale
+        self._sync = False
         self._owns_session = False
         self._lr_written = math.nan
         if session_id is not None:
@@ -140,8 +181,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 dtype=self._dtype,
                 transforms=transforms,
                 nonfinite=nonfinite,
+                consistency=consistency,
+                ema=ema,
+                swa=swa,
+                history=history,
             )
             self._owns_session = True
+            self._sync = session.sync
             self._adopt(session.id, session.step, session.version, session.lr)
 
     # the parameter group ----------------------------------------------------------------
@@ -175,6 +221,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         Parameters whose `.grad` is None are skipped (unchanged, their state too).
         `loss` (or the closure's return value) is sent as the step's loss. Returns the
         closure's return value (None without a closure), as torch optimizers do.
+
+        The gradients' `base_version` is `self.version`; in a sync session the call
+        returns once the accumulated step happened. A stale gradient pulls the current
+        params instead (`stale_refusals`; see the module docstring).
         """
         result = None
         if closure is not None:
@@ -190,15 +240,47 @@ class RemoteOptimizer(torch.optim.Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError(f"RemoteOptimizer does not take sparse gradients ({name!r})")
             grads[name] = _to_numpy(p.grad, self._dtype)
-        answer = self.client.step(
-            self.session_id, grads, loss=loss, skip_missing=len(grads) < len(self._params)
-        )
+        try:
+            answer = self.client.step(
+                self.session_id,
+                grads,
+                loss=loss,
+                skip_missing=len(grads) < len(self._params),
+                base_version=self.version,
+                wait=self.wait if self._sync else None,
+            )
+        except StaleGradientError:
+            self.stale_refusals += 1
+            self.pull()
+            if self.raise_on_stale:
+                raise
+            return result
         if answer.params is None:  # pragma: no cover - we ask for params
             raise RuntimeError("the server answered no params")
         self._write(answer.params)
         self.server_step, self.version = answer.step, answer.version
-        self._set_lr(answer.lr)
+        if not math.isnan(answer.lr):  # a waited-for sync step read by a poll has no rate
+            self._set_lr(answer.lr)
         return result
+
+    def pull(self) -> None:
+        """Copy the session's current params into the model (and its step and version)."""
+        got = self.client.get_params(self.session_id)
+        self._write(got.params)
+        self.server_step, self.version = got.step, got.version
+
+    def averaged_state(self, kind: Literal["ema", "swa"]) -> dict[str, torch.Tensor]:
+        """The session's average of the params (`"ema"` or `"swa"`, the session made
+        with `ema=` / `swa=`) as new tensors, by parameter name, each with its
+        parameter's shape, dtype and device (`NoAverageError` before any step was
+        averaged). Load them with `model.load_state_dict(opt.averaged_state("ema"),
+        strict=False)` (its names are the model's parameter names)."""
+        got = self.client.get_params(self.session_id, average=kind)
+        out: dict[str, torch.Tensor] = {}
+        for name, p in self._params.items():
+            value = torch.from_numpy(np.array(got.params[name]))
+            out[name] = value.reshape(p.shape).to(device=p.device, dtype=p.dtype)
+        return out
 
     def _write(self, params: Mapping[str, np.ndarray]) -> None:
         """Copy the server's params into the model's tensors, in place."""
@@ -276,6 +358,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         got = self.client.get_params(session_id)
         self._write(got.params)
         self._dtype = session.dtype
+        self._sync = session.sync
         self._owns_session = False
         self._adopt(session.id, got.step, got.version, session.lr)
 
@@ -305,3 +388,120 @@ def _to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
     """A tensor's values as a NumPy array of the session's dtype (on the CPU)."""
     array: np.ndarray = t.detach().to("cpu").numpy()
     return array.astype(dtype, copy=False)
+
+
+# --- the LR range test ---------------------------------------------------------------------
+
+Batch = tuple[Any, Any]
+
+
+def lr_find(
+    model: torch.nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    data: Iterable[Batch],
+    *,
+    client: OptimizerClient | None = None,
+    optimizer: Mapping[str, Any] | None = None,
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    num_steps: int = 100,
+    mode: Literal["exp", "linear"] = "exp",
+    smooth_f: float = 0.05,
+    diverge_th: float = 5.0,
+    progress: bool = False,
+    keep_session: bool = False,
+) -> LRFinderResult:
+    """An LR range test of `model` on the server (`clients.lr_find`, whose arguments
+    these are; see clients/lr_finder.py), as pytorch-lr-finder's `range_test`.
+
+    `data`: `(inputs, targets)` batches, cycled when the test needs more of them than
+    one pass gives (a `DataLoader`, a list, ...: it is iterated again; a one-shot
+    iterator that runs out is an error); tensors are moved to the device of the
+    model's parameters. Each step computes `loss_fn(model(inputs), targets)` in train
+    mode and its gradients of the parameters that require them (the session holds
+    those; the others stay as they are). At the end, the model's weights (its whole
+    `state_dict`) and mode are restored to what they were before and its gradients
+    zeroed (`zero_grad(set_to_none=True)`), as pytorch-lr-finder's `reset()` does. The
+    session's dtype is the parameters' (float32 or float64).
+    """
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not named:
+        raise ValueError("the model has no parameter that requires a gradient")
+    dtypes = {p.dtype for p in named.values()}
+    if not dtypes <= set(_DTYPES) or len(dtypes) != 1:
+        raise TypeError(
+            "lr_find needs parameters all float32 or all float64, not "
+            + ", ".join(sorted(str(d) for d in dtypes))
+        )
+    dtype = _DTYPES[dtypes.pop()]
+    device = next(iter(named.values())).device
+    saved = copy.deepcopy(model.state_dict())
+    was_training = model.training
+    batches = _cycle(data)
+
+    def loss_and_grads(params: dict[str, np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
+        inputs, targets = next(batches)
+        with torch.no_grad():
+            for name, p in named.items():
+                p.copy_(torch.from_numpy(np.array(params[name])).reshape(p.shape))
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = loss_fn(model(_to_device(inputs, device)), _to_device(targets, device))
+            torch.autograd.backward(loss)
+        grads = {n: _to_numpy(p.grad, dtype) for n, p in named.items() if p.grad is not None}
+        return float(loss.detach()), grads
+
+    with torch.no_grad():
+        initial = {n: _to_numpy(p, dtype) for n, p in named.items()}
+    try:
+        model.train()
+        return _lr_find_numpy(
+            client,
+            initial,
+            loss_and_grads,
+            optimizer=optimizer,
+            start_lr=start_lr,
+            end_lr=end_lr,
+            num_steps=num_steps,
+            mode=mode,
+            smooth_f=smooth_f,
+            diverge_th=diverge_th,
+            dtype=dtype,
+            progress=progress,
+            keep_session=keep_session,
+        )
+    finally:
+        model.load_state_dict(saved)
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+
+
+def _cycle(data: Iterable[Batch]) -> Iterator[Batch]:
+    """The batches of `data` again and again (a new pass when one ends)."""
+    for epoch in itertools.count():
+        served = False
+        for batch in data:
+            served = True
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                raise TypeError(
+                    f"lr_find takes (inputs, targets) batches, not {type(batch).__name__}"
+                )
+            yield batch[0], batch[1]
+        if not served:
+            raise ValueError(
+                "lr_find: the data gave no batch"
+                + (
+                    " in its second pass (an iterator that runs out cannot be cycled: "
+                    "pass a DataLoader or a list)"
+                    if epoch
+                    else ""
+                )
+            )
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value

@@ -10,7 +10,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
@@ -256,3 +256,181 @@ class FakeSleep:
 
     async def __call__(self, seconds: float) -> None:
         self.waits.append(seconds)
+
+
+# --- a fake server of LR range tests -------------------------------------------------------
+
+
+@dataclass
+class _RangeSession:
+    params: dict[str, Any]
+    dtype: str
+    config: dict[str, Any]
+    version: int = 0
+    lrs: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    smoothed: list[float] = field(default_factory=list)
+    best: float | None = None
+    stop_reason: str | None = None
+    nonfinite_lr: float | None = None
+
+    def ramp(self, i: int) -> float:
+        c = self.config
+        r = i / (c["num_steps"] - 1)
+        if c["mode"] == "exp":
+            return float(c["start_lr"] * (c["end_lr"] / c["start_lr"]) ** r)
+        return float(c["start_lr"] + r * (c["end_lr"] - c["start_lr"]))
+
+
+class FakeRangeTestServer:
+    """A `httpx.MockTransport` handler that serves LR range-test sessions as
+    docs/training.md describes them (plain SGD at the ramp's rate, pytorch-lr-finder's
+    smoothing and divergence rule), JSON or binary: create, get, delete, step (409
+    `range-test-over` once over; a non-finite loss ends the test unapplied) and
+    `GET .../lr-finder` (its `steepest` suggestion only). `requests` records
+    `(method, path)`; `steps` counts the step requests."""
+
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        "start_lr": 1e-7,
+        "end_lr": 10.0,
+        "num_steps": 100,
+        "mode": "exp",
+        "smooth_f": 0.05,
+        "diverge_th": 5.0,
+    }
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, _RangeSession] = {}
+        self.requests: list[tuple[str, str]] = []
+        self.steps = 0
+
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self)
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        import numpy as np
+
+        from clients import tensorfile
+
+        request.read()
+        method, path = request.method, request.url.path
+        self.requests.append((method, path))
+        binary = request.headers.get("content-type") == "application/octet-stream"
+        if method == "POST" and path == "/v1/sessions":
+            if binary:
+                tensors, meta = tensorfile.decode(request.content)
+                config, dtype = json.loads(meta["lr_finder"]), meta["dtype"]
+            else:
+                body = json.loads(request.content)
+                tensors = {n: np.asarray(v) for n, v in body["params"].items()}
+                config, dtype = body["lr_finder"], body["dtype"]
+            sid = f"s{len(self.sessions) + 1}"
+            self.sessions[sid] = _RangeSession(
+                {n: np.asarray(a, dtype=dtype) for n, a in tensors.items()},
+                dtype,
+                {**self.DEFAULTS, **config},
+            )
+            return httpx.Response(201, json=self._doc(sid))
+        parts = path.split("/")  # "", "v1", "sessions", id, [what]
+        sid = parts[3]
+        what = parts[4] if len(parts) > 4 else ""
+        if sid not in self.sessions:
+            return problem_response(404, "not-found", "no session with this id")
+        session = self.sessions[sid]
+        if method == "GET" and what == "":
+            return httpx.Response(200, json=self._doc(sid))
+        if method == "DELETE":
+            del self.sessions[sid]
+            return httpx.Response(204)
+        if method == "GET" and what == "lr-finder":
+            return httpx.Response(200, json=self._result(session))
+        if method == "POST" and what == "step":
+            self.steps += 1
+            if binary:
+                grads, meta = tensorfile.decode(request.content)
+                loss = float(meta["loss"])
+            else:
+                body = json.loads(request.content)
+                grads = {n: np.asarray(v) for n, v in body["grads"].items()}
+                loss = float(body["loss"])
+            if session.stop_reason is not None:
+                return problem_response(409, "range-test-over", "the range test is over")
+            lr = session.ramp(len(session.lrs))
+            session.version += 1
+            if not np.isfinite(loss):
+                session.stop_reason, session.nonfinite_lr = "diverged", lr
+                answer = {"step": session.version, "version": session.version, "lr": lr}
+                return httpx.Response(200, json=answer)
+            for name, g in grads.items():
+                session.params[name] = (session.params[name] - lr * np.asarray(g)).astype(
+                    session.dtype
+                )
+            self._observe(session, lr, loss)
+            meta = {"step": str(session.version), "version": str(session.version)}
+            meta |= {"lr": repr(lr), "return": "params"}
+            if request.headers.get("accept") == "application/octet-stream":
+                return httpx.Response(
+                    200,
+                    content=tensorfile.encode(session.params, meta),
+                    headers={"Content-Type": "application/octet-stream"},
+                )
+            params = {n: a.tolist() for n, a in session.params.items()}
+            return httpx.Response(
+                200,
+                json={
+                    "step": session.version,
+                    "version": session.version,
+                    "lr": lr,
+                    "params": params,
+                },
+            )
+        return problem_response(405, "method-not-allowed", f"{method} {path}")
+
+    @staticmethod
+    def _observe(session: _RangeSession, lr: float, loss: float) -> None:
+        f, i = session.config["smooth_f"], len(session.lrs)
+        smoothed = loss if i == 0 or f == 0 else f * loss + (1 - f) * session.smoothed[-1]
+        best = smoothed if session.best is None else min(session.best, smoothed)
+        session.lrs.append(lr)
+        session.losses.append(loss)
+        session.smoothed.append(smoothed)
+        session.best = best
+        if smoothed > session.config["diverge_th"] * best:
+            session.stop_reason = "diverged"
+        elif i + 1 >= session.config["num_steps"]:
+            session.stop_reason = "completed"
+
+    def _doc(self, sid: str) -> dict[str, Any]:
+        s = self.sessions[sid]
+        done = s.stop_reason is not None
+        return session_doc(
+            sid,
+            step=s.version,
+            version=s.version,
+            lr=None if done else s.ramp(len(s.lrs)),
+            dtype=s.dtype,
+            params={n: {"shape": list(a.shape)} for n, a in s.params.items()},
+            lr_finder=s.config,
+        )
+
+    def _result(self, s: _RangeSession) -> dict[str, Any]:
+        import numpy as np
+
+        done = s.stop_reason is not None
+        steepest: dict[str, Any] = {"method": "steepest", "lr": None, "reason": "too few"}
+        trimmed = s.smoothed[10:-5]
+        if len(trimmed) >= 2:
+            k = 10 + int(np.argmin(np.gradient(np.asarray(trimmed))))
+            steepest = {"method": "steepest", "lr": s.lrs[k], "index": k, "loss": s.smoothed[k]}
+        return {
+            "config": s.config,
+            "lrs": s.lrs,
+            "losses": s.losses,
+            "smoothed": s.smoothed,
+            "best_loss": s.best,
+            "done": done,
+            "stop_reason": s.stop_reason,
+            "nonfinite_lr": s.nonfinite_lr,
+            "next_lr": None if done else s.ramp(len(s.lrs)),
+            "suggestions": {"steepest": {**steepest, "reference": "fake"}},
+        }
