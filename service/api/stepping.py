@@ -286,13 +286,9 @@ def _apply(
         new_blobs = SessionBlobs(new_params.tobytes(), new_state.to_bytes())
         skipped = False
     grad_norm = result.grad_norm if math.isfinite(result.grad_norm) else None
-    if spec.sync is not None:
-        extra["last"] = {
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "clipped": result.clipped,
-            "skipped": skipped,
-        }
+    if spec.sync is not None:  # what pushes that waited for this step are answered
+        last = {"lr": lr, "grad_norm": grad_norm, "clipped": result.clipped, "skipped": skipped}
+        new_meta = new_meta.evolve(extra={**new_meta.extra, "last": last})
     counters: dict[str, Any] = {
         "step": new_meta.step,
         "version": new_meta.params_version,

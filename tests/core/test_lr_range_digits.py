@@ -1,10 +1,8 @@
 """The LR range test run for real: a small MLP on scikit-learn's digits, trained by our SGD.
 
-* data: `sklearn.datasets.load_digits` (bundled, no download): 1,797 8x8 images, 10
-  classes; a stratified 75/25 split (random_state 0), standardized with the training
-  set's mean and standard deviation;
-* model: 64 -> 64 (ReLU) -> 10, softmax cross-entropy, gradients written by hand; its four
-  tensors live in one flat vector laid out by a `FlatLayout`;
+* data and model: tests/support/digits.py (`load_digits`, bundled, a stratified 75/25
+  split, standardized; a 64 -> 64 (ReLU) -> 10 MLP, softmax cross-entropy, gradients
+  written by hand, its four tensors in one flat vector laid out by a `FlatLayout`);
 * optimizer: our `sgd` (momentum 0.9) through `get_optimizer("sgd").update(...)`, with
   `impl="numpy"` (the NumPy reference: no numba compile time in this test; the fused
   kernel has its own parity tests);
@@ -20,34 +18,30 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from service.core import FlatLayout, get_optimizer, parse_hyper
+from service.core import get_optimizer, parse_hyper
 from service.core.lr_finder import LRFinderConfig, LRFinderState, next_lr, observe, suggest
 from service.core.lr_finder import Suggestion as LRSuggestion
 from service.core.schedules import parse_schedule
-
-HIDDEN = 64
-BATCH = 64
-EPOCHS = 10
-LAYOUT = FlatLayout.from_shapes(
-    [("w1", (64, HIDDEN)), ("b1", (HIDDEN,)), ("w2", (HIDDEN, 10)), ("b2", (10,))]
+from tests.support.digits import (
+    BATCH,
+    LAYOUT,
+    Data,
+    accuracy,
+    init_params,
+    load_data,
+    loss_and_grad,
+    minibatches,
 )
+
+EPOCHS = 10
 HYPER = parse_hyper({"name": "sgd", "lr": 0.01, "momentum": 0.9})
 OPT = get_optimizer("sgd")
-
-
-@dataclass(frozen=True)
-class Data:
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -67,63 +61,7 @@ class Trained:
 
 @pytest.fixture(scope="module")
 def data() -> Data:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.25, random_state=0, stratify=y
-    )
-    mean, std = x_train.mean(axis=0), x_train.std(axis=0)
-    std[std == 0] = 1.0  # pixels that are always blank
-    return Data((x_train - mean) / std, y_train, (x_test - mean) / std, y_test)
-
-
-def init_params(seed: int) -> np.ndarray:
-    """He-initialised weights, zero biases, as one flat float64 vector."""
-    rng = np.random.default_rng(seed)
-    return LAYOUT.flatten(
-        {
-            "w1": rng.standard_normal((64, HIDDEN)) * np.sqrt(2 / 64),
-            "b1": np.zeros(HIDDEN),
-            "w2": rng.standard_normal((HIDDEN, 10)) * np.sqrt(2 / HIDDEN),
-            "b2": np.zeros(10),
-        },
-        np.float64,
-    )
-
-
-def logits(params: np.ndarray, x: np.ndarray) -> np.ndarray:
-    p = LAYOUT.unflatten(params)
-    return np.asarray(np.maximum(x @ p["w1"] + p["b1"], 0.0) @ p["w2"] + p["b2"])
-
-
-def loss_and_grad(params: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-    """Mean softmax cross-entropy and its gradient, by hand."""
-    p = LAYOUT.unflatten(params)
-    h = x @ p["w1"] + p["b1"]
-    a = np.maximum(h, 0.0)
-    z = a @ p["w2"] + p["b2"]
-    z = z - z.max(axis=1, keepdims=True)
-    log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    n = len(y)
-    loss = float(-log_probs[np.arange(n), y].mean())
-    dz = np.exp(log_probs)
-    dz[np.arange(n), y] -= 1.0
-    dz /= n
-    da = dz @ p["w2"].T
-    dh = da * (h > 0)
-    grads = {"w1": x.T @ dh, "b1": dh.sum(axis=0), "w2": a.T @ dz, "b2": dz.sum(axis=0)}
-    return loss, LAYOUT.flatten(grads, np.float64)
-
-
-def minibatches(n: int, seed: int) -> Iterator[np.ndarray]:
-    """Endless shuffled minibatches of BATCH indices (the last partial batch dropped)."""
-    rng = np.random.default_rng(seed)
-    while True:
-        perm = rng.permutation(n)
-        for start in range(0, n - BATCH + 1, BATCH):
-            yield perm[start : start + BATCH]
+    return load_data()
 
 
 def check_gradient(data: Data) -> None:
@@ -177,8 +115,8 @@ def train(data: Data, lr: float, seed: int = 0) -> Trained:
                 HYPER, grads, opt_state, params, lr=lr, layout=LAYOUT, impl="numpy"
             )
         final_loss = loss_and_grad(params, data.x_train, data.y_train)[0]
-        accuracy = float(np.mean(logits(params, data.x_test).argmax(axis=1) == data.y_test))
-    return Trained(accuracy, initial_loss, final_loss, nonfinite_at)
+        test_accuracy = accuracy(params, data.x_test, data.y_test)
+    return Trained(test_accuracy, initial_loss, final_loss, nonfinite_at)
 
 
 def test_suggested_rate_trains_and_100x_diverges(data: Data, range_test: RangeTest) -> None:
