@@ -61,7 +61,7 @@ def _tensor_response(schema: str, what: str) -> dict[int | str, dict[str, Any]]:
     }
 
 
-def _send(reply: Reply) -> Response:
+def send(reply: Reply) -> Response:
     return Response(reply.body, reply.status, headers=reply.headers, media_type=reply.media_type)
 
 
@@ -157,7 +157,7 @@ async def get_params(
         min_version=min_version,
         timeout=timeout,
     )
-    return _send(reply)
+    return send(reply)
 
 
 @router.post(
@@ -196,15 +196,21 @@ async def step(
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """Apply a gradient; answers step, version, the lr used, and params or updates."""
-    body = await request.body()
-    call = StepCall(
+    call = await step_call(request, tenant, session_id, idempotency_key)
+    return send(await engine.step(call))
+
+
+async def step_call(
+    request: Request, tenant: str, session_id: str, idempotency_key: str | None
+) -> StepCall:
+    """A request that changes a session (a step, a reported loss), as the engine takes it."""
+    return StepCall(
         tenant=tenant,
         session_id=session_id,
-        body=body,
+        body=await request.body(),
         content_type=request.headers.get("content-type"),
         binary_response=wants_binary(request.headers.get("accept")),
         idempotency_key=idempotency_key,
         method=request.method,
         path=request.url.path,
     )
-    return _send(await engine.step(call))

@@ -10,9 +10,8 @@ from fastapi import APIRouter, Query, Request, Response
 from service.api import views
 from service.api.auth import EngineDep, Tenant
 from service.api.codecs import JSON, FastJSONResponse
-from service.api.engine import StepCall
 from service.api.errors import problems
-from service.api.routes_sessions import IdempotencyKey, SessionId
+from service.api.routes_sessions import IdempotencyKey, SessionId, send, step_call
 from service.api.schemas import HistoryResponse, LRFinderResponse, MetricsResponse
 
 router = APIRouter(prefix="/v1/sessions", tags=["training"])
@@ -49,18 +48,8 @@ async def report_metrics(
 ) -> Response:
     """A loss-driven schedule (`plateau`) takes the loss as if it came with a step; the
     params and their `version` stay. The loss goes into the history either way."""
-    call = StepCall(
-        tenant=tenant,
-        session_id=session_id,
-        body=await request.body(),
-        content_type=request.headers.get("content-type"),
-        binary_response=False,
-        idempotency_key=idempotency_key,
-        method=request.method,
-        path=request.url.path,
-    )
-    reply = await engine.metrics(call)
-    return Response(reply.body, reply.status, headers=reply.headers, media_type=reply.media_type)
+    call = await step_call(request, tenant, session_id, idempotency_key)
+    return send(await engine.metrics(call))
 
 
 @router.get(

@@ -307,20 +307,17 @@ def _apply(
     reply = _tensor_reply(counters, step_input.ret, tensors, binary)
     entry = None
     if spec.history > 0:
-        entry = orjson.dumps(
-            {
-                "kind": "step",
-                "step": new_meta.step,
-                "version": new_meta.params_version,
-                "time": now,
-                "lr": lr,
-                "loss": loss if loss is None or math.isfinite(loss) else None,
-                "grad_norm": grad_norm,
-                "update_norm": update_norm,
-                "skipped": skipped,
-                "staleness": stale,
-                "contributors": contributors,
-            }
+        entry = _history_entry(
+            "step",
+            new_meta,
+            now,
+            lr,
+            loss if loss is None or math.isfinite(loss) else None,
+            grad_norm=grad_norm,
+            update_norm=update_norm,
+            skipped=skipped,
+            staleness=stale,
+            contributors=contributors,
         )
     return Computed(
         new_meta,
@@ -414,18 +411,7 @@ def compute_metrics(
     )
     lr = current_lr(spec, new_meta)
     body = {"step": meta.step, "version": meta.params_version, "lr": lr, "observed": observed}
-    entry = None
-    if spec.history > 0:
-        entry = orjson.dumps(
-            {
-                "kind": "metrics",
-                "step": meta.step,
-                "version": meta.params_version,
-                "time": now,
-                "lr": lr,
-                "loss": loss,
-            }
-        )
+    entry = _history_entry("metrics", new_meta, now, lr, loss) if spec.history > 0 else None
     return Computed(
         new_meta,
         None,
@@ -434,6 +420,22 @@ def compute_metrics(
         "metrics",
         entry,
     )
+
+
+def _history_entry(
+    kind: str, meta: SessionMeta, now: float, lr: float, loss: float | None, **more: Any
+) -> bytes:
+    """One history entry (docs/training.md): the counters after it, its time, rate and
+    loss, and what else the kind records."""
+    entry = {
+        "kind": kind,
+        "step": meta.step,
+        "version": meta.params_version,
+        "time": now,
+        "lr": lr,
+        "loss": loss,
+    }
+    return orjson.dumps({**entry, **more})
 
 
 def _restore_segments(
