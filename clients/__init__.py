@@ -55,17 +55,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from clients._base import (
-        HistoryEntry,
-        LRFinderResult,
-        MetricsResult,
-        ParamsResult,
-        RetryPolicy,
-        SchedulePreview,
-        Session,
-        StepResult,
-        Suggestion,
-    )
     from clients.async_client import AsyncOptimizerClient
     from clients.errors import (
         AuthenticationError,
@@ -91,25 +80,36 @@ if TYPE_CHECKING:
         WaitTimeoutError,
     )
     from clients.lr_finder import lr_find
+    from clients.results import (
+        HistoryEntry,
+        LRFinderResult,
+        MetricsResult,
+        ParamsResult,
+        SchedulePreview,
+        Session,
+        StepResult,
+        Suggestion,
+    )
+    from clients.retries import RetryPolicy
     from clients.sync import OptimizerClient
 
 _EXPORTS: dict[str, str] = {
     "OptimizerClient": "clients.sync",
     "AsyncOptimizerClient": "clients.async_client",
     "lr_find": "clients.lr_finder",
+    "RetryPolicy": "clients.retries",
     **dict.fromkeys(
         [
             "HistoryEntry",
             "LRFinderResult",
             "MetricsResult",
             "ParamsResult",
-            "RetryPolicy",
             "SchedulePreview",
             "Session",
             "StepResult",
             "Suggestion",
         ],
-        "clients._base",
+        "clients.results",
     ),
     **dict.fromkeys(
         [

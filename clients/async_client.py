@@ -1,6 +1,7 @@
 """`AsyncOptimizerClient`: the asyncio client (httpx.AsyncClient), the mirror of
-`OptimizerClient` (clients/sync.py): both build their requests, read the answers and
-decide the retries in clients/_base.py and differ only in the I/O.
+`OptimizerClient` (clients/sync.py): both build their requests (clients/_base.py), read
+the answers (clients/decoding.py) and decide the retries (clients/retries.py) alike and
+differ only in the I/O.
 """
 
 from __future__ import annotations
@@ -15,22 +16,23 @@ import httpx
 from clients._base import (
     BLOCK_TIMEOUT,
     DEFAULT_TIMEOUT,
-    Attempts,
     BaseClient,
     Call,
     Flow,
+    ReturnKind,
+    Tensors,
+    Timeout,
+)
+from clients.results import (
     HistoryEntry,
     LRFinderResult,
     MetricsResult,
     ParamsResult,
-    RetryPolicy,
-    ReturnKind,
     SchedulePreview,
     Session,
     StepResult,
-    Tensors,
-    Timeout,
 )
+from clients.retries import Attempts, RetryPolicy
 
 T = TypeVar("T")
 
@@ -45,7 +47,7 @@ class AsyncOptimizerClient(BaseClient):
     (readable on the wire; arrays then come back as float64). `timeout` is httpx's
     (seconds, or an `httpx.Timeout`); `transport` replaces the network (tests);
     `max_retries` / `retry_policy` and `sleep` (the wait between retries, `time.sleep`)
-    shape the retries described in clients/_base.py (`sleep`: `asyncio.sleep`).
+    shape the retries described in clients/retries.py (`sleep`: `asyncio.sleep`).
 
         async with AsyncOptimizerClient() as client:
             session = await client.create_session({"w": w}, {"name": "adam", "lr": 1e-3})

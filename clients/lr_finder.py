@@ -45,8 +45,8 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from clients._base import LRFinderResult
 from clients.errors import OptserveError, RangeTestOverError
+from clients.results import LRFinderResult
 from clients.sync import OptimizerClient
 
 __all__ = ["LossAndGrads", "lr_find"]

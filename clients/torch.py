@@ -88,9 +88,9 @@ import numpy as np
 import torch
 
 from clients import OptimizerClient
-from clients._base import LRFinderResult
 from clients.errors import OptserveError, StaleGradientError
 from clients.lr_finder import lr_find as _lr_find_numpy
+from clients.results import LRFinderResult
 
 __all__ = ["RemoteOptimizer", "lr_find"]
 

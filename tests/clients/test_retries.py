@@ -24,7 +24,7 @@ from clients import (
     ServiceUnavailableError,
     TimeoutError,
 )
-from clients._base import parse_retry_after
+from clients.retries import parse_retry_after
 from tests.api.support import core_run
 from tests.clients.support import (
     FakeSleep,
