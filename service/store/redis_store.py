@@ -16,11 +16,13 @@ per case; ranges over five runs):
 So a commit is WATCH/MULTI/EXEC with plain SETs: atomic and version-checked at about
 the cost of the non-atomic floor (the WATCH rides on the round trip that `load()` makes
 anyway). The Lua script costs 2.2-3.2x as much, because the blobs are copied into Lua
-strings and back out. The command packer is redis-py asyncio's own (pure Python): it
-hands large values to the socket as separate buffers, where `hiredis.pack_command`
-copies every command, blobs included, into one new bytes object (2-3x slower and
-erratic). The reply parser stays hiredis (redis-py's default): a tie on large values,
-faster on the many small replies. (`parser=` and `packer=` choose otherwise.)
+strings and back out. The command packer is pure Python (`service.store.resp`, which
+packs as redis-py asyncio's own packer does, for a third of its CPU on small
+commands): it hands large values to the socket as separate buffers, where
+`hiredis.pack_command` copies every command, blobs included, into one new bytes object
+(2-3x slower and erratic). The reply parser stays hiredis (redis-py's default): a tie
+on large values, faster on the many small replies. (`parser=` and `packer=` choose
+otherwise.)
 
 Layout (key names in `service.store.keys`; every key of a session carries the hash tag
 `{<id>}`, so a commit touches one Cluster slot):
@@ -94,6 +96,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.maint_notifications import MaintNotificationsConfig
 
+from service.store import resp
 from service.store.base import (
     IdempotencyRecord,
     SessionBlobs,
@@ -158,7 +161,11 @@ async def exchange(
     conn.socket_timeout = None
     try:
         async with asyncio.timeout(budget):
-            await conn.send_packed_command(conn.pack_commands(commands))
+            if isinstance(conn, HiredisPackerConnection):
+                packed: Any = conn.pack_commands(commands)
+            else:
+                packed = resp.pack_commands(commands)
+            await conn.send_packed_command(packed)
             replies: list[Any] = []
             for _ in commands:
                 try:
