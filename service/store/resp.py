@@ -59,7 +59,8 @@ def pack_commands(commands: Iterable[Sequence[Any]]) -> list[Buffer]:
                 out.append(data)
                 buf = bytearray(b"\r\n")
             else:
-                buf += b"$%d\r\n%b\r\n" % (size, data)
+                # %b takes any buffer (memoryview too); typeshed says bytes only
+                buf += b"$%d\r\n%b\r\n" % (size, data)  # type: ignore[str-format]
     if buf:
         out.append(bytes(buf))
     return out
