@@ -26,6 +26,7 @@ from fastapi import FastAPI
 from service.api import (
     metrics,
     openapi,
+    routes_federated,
     routes_health,
     routes_schedules,
     routes_sessions,
@@ -124,6 +125,7 @@ def create_app(settings: Settings | None = None, store: StateStore | None = None
     install_handlers(app, settings)
     app.include_router(routes_sessions.router)
     app.include_router(routes_training.router)
+    app.include_router(routes_federated.router)
     app.include_router(routes_schedules.router)
     app.include_router(routes_health.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)

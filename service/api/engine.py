@@ -60,7 +60,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import anyio
@@ -75,10 +75,19 @@ from service.api.codecs import Reply
 from service.api.errors import (
     IdempotencyInFlight,
     IdempotencyMismatch,
+    NotFederated,
     SessionNotFound,
     VersionConflict,
     invalid,
     spec_error,
+)
+from service.api.federation import (
+    closable,
+    compute_close,
+    compute_update,
+    parse_update,
+    round_answer,
+    round_state,
 )
 from service.api.parsing import StepInput, parse_create, parse_step, validate_model
 from service.api.schemas import MetricsRequest, PreviewRequest
@@ -263,6 +272,8 @@ class Engine:
             "consistency": stored["consistency"],
             "history": stored["history"],
             "pending": None if spec.sync is None else _pending_doc(spec, meta),
+            "federated": stored["federated"],
+            "round": None if spec.federated is None else meta.step,
         }
 
     # step ---------------------------------------------------------------------------
@@ -416,6 +427,61 @@ class Engine:
             reply.headers["Idempotent-Replayed"] = "true"
         return reply
 
+    # federated rounds -----------------------------------------------------------------
+
+    async def submit_update(self, call: StepCall, round_number: int) -> Reply:
+        """A client's update for a round (docs/federated.md): idempotent per client and
+        round through the idempotency record of the key `fed:<round>:<client_id>`."""
+        spec = await self._federated_spec(call.tenant, call.session_id)
+        binary = codecs.is_binary(call.content_type)
+        update = await self.offload(
+            len(call.body) > OFFLOAD_BYTES, parse_update, spec, call.body, binary
+        )
+        keyed = replace(call, idempotency_key=f"fed:{round_number}:{update.client_id}")
+
+        async def prepare(_: StepCall, spec: Spec) -> tuple[Compute, bool]:
+            def compute(meta: SessionMeta, params: np.ndarray, state: OptState) -> Computed:
+                return compute_update(spec, meta, params, state, update, round_number)
+
+            return compute, spec.layout.total > OFFLOAD_ELEMENTS
+
+        reply, _ = await self._idempotent(keyed, prepare)
+        return reply
+
+    async def read_round(self, tenant: str, session_id: str, binary: bool) -> Reply:
+        """`GET .../round`, closing the round first if its deadline passed with enough
+        updates (nobody else may come to close it)."""
+        spec = await self._federated_spec(tenant, session_id)
+        meta = await self.owned_meta(tenant, session_id)
+        if closable(spec, round_state(spec, meta), time.time()):
+            call = StepCall(tenant, session_id, b"", None, False)
+
+            def compute(meta: SessionMeta, params: np.ndarray, state: OptState) -> Computed:
+                done = compute_close(spec, meta, params, state)
+                if done is None:  # closed by someone else meanwhile
+                    raise _NothingToCommit()
+                return done
+
+            with suppress(_NothingToCommit):
+                await self._transact(
+                    call, spec, compute, spec.layout.total > OFFLOAD_ELEMENTS, None
+                )
+        current = await self.load_current(tenant, session_id)
+        return await self.offload(
+            current.params.size > OFFLOAD_ELEMENTS,
+            round_answer,
+            current.spec,
+            current.meta,
+            current.params,
+            binary,
+        )
+
+    async def _federated_spec(self, tenant: str, session_id: str) -> Spec:
+        spec = await self._spec(tenant, session_id)
+        if spec.federated is None:
+            raise NotFederated("this session is not federated (create it with 'federated')")
+        return spec
+
     # reads ----------------------------------------------------------------------------
 
     async def load_current(self, tenant: str, session_id: str, with_state: bool = False) -> Current:
@@ -556,6 +622,10 @@ def _run(
         assert cached is not None
         params, state = cached.params, cached.state
     return compute(meta, params, state)
+
+
+class _NothingToCommit(Exception):
+    """A transaction found nothing left to do (raised out of its compute)."""
 
 
 def _pending_doc(spec: Spec, meta: SessionMeta) -> dict[str, int]:

@@ -171,6 +171,12 @@ class NoRangeTest(ApiError):
     status, slug, title = 404, "no-range-test", "No range test"
 
 
+class NotFederated(ApiError):
+    """404: the round of a session that is not federated."""
+
+    status, slug, title = 404, "not-federated", "Not a federated session"
+
+
 class WaitTimeout(ApiError):
     """408: the version waited for (`min_version`) was not reached in time; member
     `version` (the session's now). Repeat the request to wait again."""

@@ -57,6 +57,7 @@ from service.api.schemas import (
     PendingResponse,
     Problem,
     StepRequest,
+    UpdateRequest,
 )
 
 Doc = dict[str, Any]
@@ -94,6 +95,10 @@ TAGS = [
             "Training beyond one step (docs/training.md): losses without a step, history, "
             "LR range test, plots."
         ),
+    },
+    {
+        "name": "federated",
+        "description": "Federated rounds (docs/federated.md): the round, clients' updates.",
     },
     {"name": "schedules", "description": "Learning-rate schedules, without a session."},
     {"name": "health", "description": "Liveness, readiness and Prometheus metrics."},
@@ -368,6 +373,24 @@ def _problem_examples() -> dict[tuple[str, int], dict[str, Any]]:
                 ).problem(),
             )
         },
+        ("submitUpdate", 409): {
+            "round-closed": _ex(
+                "Round closed",
+                {
+                    "type": "urn:optserve:problem:round-closed",
+                    "title": "Round closed",
+                    "status": 409,
+                    "detail": "round 3 is closed; the current round is 4",
+                    "errors": [
+                        {
+                            "loc": ["path", "round"],
+                            "msg": "round 3 is closed; the current round is 4",
+                        }
+                    ],
+                    "round": 4,
+                },
+            )
+        },
         ("getLRFinder", 404): {
             "no-range-test": _ex(
                 NoRangeTest.title,
@@ -484,6 +507,7 @@ def _add_models(doc: Doc) -> None:
             (Problem, "validation"),
             (PendingResponse, "validation"),
             (MetricsRequest, "validation"),
+            (UpdateRequest, "validation"),
         ],
         ref_template="#/components/schemas/{model}",
     )

@@ -25,6 +25,7 @@ from service.core import FlatLayout, GradientTransforms, find_nonfinite
 from service.core.averaging import parse_ema, parse_swa
 from service.core.consistency import parse_consistency
 from service.core.errors import LayoutError, SpecError
+from service.core.federated import get_server_optimizer, parse_federated, parse_server_hyper
 from service.core.lr_finder import parse_lr_finder_config
 from service.core.optim import get_optimizer, parse_hyper
 from service.core.schedules import parse_schedule
@@ -45,7 +46,10 @@ class StepInput:
 
 
 #: creation fields carried in binary `__metadata__` as JSON strings
-_JSON_METADATA = ("optimizer", "schedule", "transforms", "lr_finder", "ema", "swa", "consistency")
+_JSON_METADATA = (
+    *("optimizer", "schedule", "transforms", "lr_finder", "ema", "swa", "consistency"),
+    "federated",
+)
 
 
 def parse_create(
@@ -96,8 +100,9 @@ def build_spec(
         raise invalid(["body", "params"], "must name at least one tensor")
     if "__metadata__" in tensors:
         raise invalid(["body", "params", "__metadata__"], "this tensor name is reserved")
+    federated = _feature(parse_federated, request.federated, "federated")
     try:
-        hp = parse_hyper(request.optimizer)
+        hp = (parse_hyper if federated is None else parse_server_hyper)(request.optimizer)
     except SpecError as exc:
         raise spec_error(exc, ["body", "optimizer"]) from None
     schedule = None
@@ -139,9 +144,14 @@ def build_spec(
             ["body", "schedule"],
             "a range-test session takes its rates from the lr_finder ramp; leave out schedule",
         )
+    consistency = _feature(parse_consistency, request.consistency, "consistency")
+    if federated is not None:
+        for name, value in (("lr_finder", request.lr_finder), ("consistency", request.consistency)):
+            if value is not None:
+                raise invalid(["body", name], "is not available in a federated session")
     return Spec(
         hp=hp,
-        optimizer=get_optimizer(hp.name),
+        optimizer=(get_optimizer if federated is None else get_server_optimizer)(hp.name),
         schedule=schedule,
         dtype=np.dtype(request.dtype),
         layout=layout,
@@ -149,8 +159,9 @@ def build_spec(
         lr_finder=lr_finder,
         ema=_feature(parse_ema, request.ema, "ema"),
         swa=_feature(parse_swa, request.swa, "swa"),
-        consistency=_feature(parse_consistency, request.consistency, "consistency"),
+        consistency=consistency,
         history=history,
+        federated=federated,
     )
 
 
@@ -160,7 +171,7 @@ F = TypeVar("F")
 def _feature(parse: Callable[[Any], F], data: Any, name: str) -> F:
     """`parse(data)` with a spec error reported under `["body", name, ...]`; None stays
     None unless the parser gives a default for it (consistency)."""
-    if data is None and name != "consistency":
+    if data is None and name != "consistency":  # consistency: None is the default
         return None  # type: ignore[return-value]
     try:
         return parse(data)
@@ -216,6 +227,12 @@ def _check_features(
     spec: Spec, loss: float | None, ret: str, skip_missing: bool, base_version: int | None
 ) -> None:
     """What the session's training features ask of a step (docs/training.md)."""
+    if spec.federated is not None:
+        raise invalid(
+            ["body"],
+            "a federated session takes client updates by round "
+            "(POST /v1/sessions/{id}/rounds/{round}/updates), not steps",
+        )
     if spec.lr_finder is not None and loss is None:
         raise invalid(["body", "loss"], "a range-test session needs the loss of every step")
     sync = spec.sync

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 from service.core.optim import OPTIMIZERS
 from service.core.schedules import SCHEDULES
@@ -150,6 +150,15 @@ class CreateSession(BaseModel):
         strict=True,
         description="history entries kept (default 1000; 0 keeps none) (extension)",
     )
+    federated: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "make this a federated session (docs/federated.md): `min_clients`, "
+            "`expected_clients`, `round_timeout`, `aggregator`, `update`; the optimizer is "
+            "then a server optimizer (fedavg, fedavgm, fedadagrad, fedadam, fedyogi)"
+        ),
+        examples=[{"min_clients": 8, "expected_clients": 10, "round_timeout": 30}],
+    )
 
 
 class StepRequest(BaseModel):
@@ -257,6 +266,8 @@ SESSION_EXAMPLE: dict[str, Any] = {
     "consistency": {"mode": "async", "max_staleness": None, "staleness_damping": "none"},
     "history": 1000,
     "pending": None,
+    "federated": None,
+    "round": None,
 }
 
 
@@ -287,6 +298,8 @@ class SessionDoc(BaseModel):
         None,
         description="sync sessions: `base_version`, `count` pushed, `accumulate` (extension)",
     )
+    federated: dict[str, Any] | None = Field(None, description="federated settings (extension)")
+    round: int | None = Field(None, description="federated sessions: the open round")
 
 
 class StepResponse(BaseModel):
@@ -332,6 +345,64 @@ class PendingResponse(BaseModel):
     wait_for: int = Field(description="the version the step will make")
     pending: int = Field(description="gradients accumulated so far")
     accumulate: int = Field(description="gradients per step")
+
+
+class UpdateRequest(BaseModel):
+    """`POST /v1/sessions/{id}/rounds/{round}/updates`: one client's update."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "client_id": "c7",
+                    "delta": {"w": [[0.01, -0.02], [0.0, 0.01]], "b": [0.003, 0.0]},
+                    "num_examples": 120,
+                    "metrics": {"loss": 0.41, "accuracy": 0.88},
+                }
+            ]
+        },
+    )
+
+    client_id: str = Field(description="who sends it (1 to 128 printable characters)")
+    delta: TensorSet | None = Field(None, description="new weights minus the round's weights")
+    weights: TensorSet | None = Field(None, description="the new weights (instead of delta)")
+    num_examples: Annotated[int, Field(ge=1, strict=True)] = Field(
+        description="examples trained on: the update's weight in the mean"
+    )
+    metrics: dict[str, Annotated[float, Field(strict=True, allow_inf_nan=False)]] | None = Field(
+        None, description="the client's numbers (loss, accuracy, ...), averaged per round"
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> UpdateRequest:
+        if (self.delta is None) == (self.weights is None):
+            raise ValueError("give exactly one of delta and weights")
+        return self
+
+
+class UpdateResponse(BaseModel):
+    round: int
+    accepted: bool
+    received: int = Field(description="updates in this round so far")
+    closed: bool = Field(description="this update closed the round")
+    next_round: int | None = None
+
+
+class RoundResponse(BaseModel):
+    """`GET /v1/sessions/{id}/round`."""
+
+    round: int
+    deadline: float
+    opened_at: float
+    received: int
+    min_clients: int
+    expected_clients: int | None
+    clients: list[str]
+    step: int
+    version: int
+    lr: float = Field(description="the server rate this round closes with")
+    params: TensorSet
 
 
 class MetricsRequest(BaseModel):
@@ -483,6 +554,7 @@ class Problem(BaseModel):
     base_version: int | None = Field(
         None, description="the base_version the request sent (stale-gradient)"
     )
+    round: int | None = Field(None, description="the current round (round-closed)")
 
 
 __all__ = [
@@ -503,10 +575,13 @@ __all__ = [
     "Problem",
     "ProblemField",
     "ReturnKind",
+    "RoundResponse",
     "SessionDoc",
     "StepRequest",
     "StepResponse",
     "Tensor",
     "TensorInfo",
     "TensorSet",
+    "UpdateRequest",
+    "UpdateResponse",
 ]

@@ -21,6 +21,12 @@ import numpy as np
 from service.core import FlatLayout, GradientTransforms
 from service.core.averaging import EMAConfig, SWAConfig, parse_ema, parse_swa
 from service.core.consistency import Consistency, SyncConsistency, parse_consistency
+from service.core.federated import (
+    FederatedConfig,
+    get_server_optimizer,
+    parse_federated,
+    parse_server_hyper,
+)
 from service.core.lr_finder import LRFinderConfig, parse_lr_finder_config, ramp_lr
 from service.core.optim import Hyper, Optimizer, get_optimizer, parse_hyper
 from service.core.schedules import Schedule, ScheduleState, parse_schedule
@@ -47,6 +53,7 @@ class Spec:
     swa: SWAConfig | None = None
     consistency: Consistency = field(default_factory=lambda: parse_consistency(None))
     history: int = DEFAULT_HISTORY
+    federated: FederatedConfig | None = None
 
     @property
     def sync(self) -> SyncConsistency | None:
@@ -72,15 +79,18 @@ class Spec:
             "swa": _dump(self.swa),
             "consistency": self.consistency.model_dump(mode="json"),
             "history": self.history,
+            "federated": _dump(self.federated),
         }
 
     @classmethod
     def load(cls, stored: Mapping[str, Any]) -> Spec:
-        hp = parse_hyper(stored["optimizer"])
+        federated = _maybe(parse_federated, stored.get("federated"))
+        hp = (parse_hyper if federated is None else parse_server_hyper)(stored["optimizer"])
+        optimizer = (get_optimizer if federated is None else get_server_optimizer)(hp.name)
         schedule = None if stored.get("schedule") is None else parse_schedule(stored["schedule"])
         return cls(
             hp=hp,
-            optimizer=get_optimizer(hp.name),
+            optimizer=optimizer,
             schedule=schedule,
             dtype=np.dtype(stored["dtype"]),
             layout=FlatLayout.from_shapes((n, tuple(s)) for n, s in stored["layout"]),
@@ -90,6 +100,7 @@ class Spec:
             swa=_maybe(parse_swa, stored.get("swa")),
             consistency=parse_consistency(stored.get("consistency")),
             history=int(stored.get("history", DEFAULT_HISTORY)),
+            federated=federated,
         )
 
     def lr(self, t: int, schedule_state: ScheduleState | None, ramp_step: int = 0) -> float:

@@ -205,12 +205,12 @@ def compute_step(
             version,
             step_input.base_version,
         )
-    return _apply(
+    return apply_step(
         spec, meta, params, opt, own, extra, grads, loss, step_input, stale, contributors, binary
     )
 
 
-def _apply(
+def apply_step(
     spec: Spec,
     meta: SessionMeta,
     params: np.ndarray,
@@ -223,7 +223,10 @@ def _apply(
     stale: int | None,
     contributors: int,
     binary: bool,
+    history_extra: dict[str, Any] | None = None,
 ) -> Computed:
+    """Apply `grads` as the session's next step (see the module docstring); the
+    history entry gets `history_extra` on top (a federated round: its kind, clients)."""
     t = meta.step
     schedule_state = decode_schedule_state(meta.schedule_state)
     finder = range_test_state(meta) if spec.lr_finder is not None else None
@@ -307,8 +310,9 @@ def _apply(
     reply = _tensor_reply(counters, step_input.ret, tensors, binary)
     entry = None
     if spec.history > 0:
+        more = dict(history_extra or {})
         entry = _history_entry(
-            "step",
+            str(more.pop("kind", "step")),
             new_meta,
             now,
             lr,
@@ -318,6 +322,7 @@ def _apply(
             skipped=skipped,
             staleness=stale,
             contributors=contributors,
+            **more,
         )
     return Computed(
         new_meta,

@@ -1,0 +1,90 @@
+"""`/v1/sessions/{id}/round` and `/rounds/{round}/updates`: federated rounds
+(docs/federated.md)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Request, Response
+
+from service.api.auth import EngineDep, Tenant
+from service.api.codecs import BINARY, JSON, wants_binary
+from service.api.errors import problems
+from service.api.routes_sessions import SessionId, send, step_call
+from service.api.schemas import RoundResponse, UpdateResponse
+
+router = APIRouter(prefix="/v1/sessions", tags=["federated"])
+
+RoundNumber = Annotated[int, Path(ge=0, description="the round the update belongs to")]
+
+
+@router.get(
+    "/{session_id}/round",
+    summary="Read the current round",
+    operation_id="getRound",
+    response_model=RoundResponse,
+    responses={
+        200: {
+            "description": "The round and the global params (JSON, or safetensors by `Accept`)",
+            "content": {
+                JSON: {"schema": {"$ref": "#/components/schemas/RoundResponse"}},
+                BINARY: {
+                    "schema": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "The tensors are the global params. `__metadata__` "
+                        "keys: the other fields as strings (`clients` as a JSON list).",
+                    }
+                },
+            },
+        },
+        **problems(401, 404, 503),
+    },
+)
+async def get_round(
+    session_id: SessionId, request: Request, tenant: Tenant, engine: EngineDep
+) -> Response:
+    """The open round (number, deadline, who reported) and the global params; a round
+    whose deadline passed with enough updates is closed first."""
+    binary = wants_binary(request.headers.get("accept"))
+    return send(await engine.read_round(tenant, session_id, binary))
+
+
+_UPDATE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            JSON: {"schema": {"$ref": "#/components/schemas/UpdateRequest"}},
+            BINARY: {
+                "schema": {
+                    "type": "string",
+                    "format": "binary",
+                    "description": "The tensors are the delta (or the weights). "
+                    "`__metadata__` keys: `client_id`, `num_examples`, `kind` (`delta` or "
+                    "`weights`), `metrics` (a JSON object as a string).",
+                }
+            },
+        },
+    }
+}
+
+
+@router.post(
+    "/{session_id}/rounds/{round}/updates",
+    summary="Submit a client's update",
+    operation_id="submitUpdate",
+    response_model=UpdateResponse,
+    responses=problems(400, 401, 404, 409, 413, 415, 422, 503),
+    openapi_extra=_UPDATE_BODY,
+)
+async def submit_update(
+    session_id: SessionId,
+    round: RoundNumber,
+    request: Request,
+    tenant: Tenant,
+    engine: EngineDep,
+) -> Response:
+    """A client's delta (or weights) for the round, weighted by `num_examples`;
+    idempotent per client and round; may close the round."""
+    call = await step_call(request, tenant, session_id, None)
+    return send(await engine.submit_update(call, round))
