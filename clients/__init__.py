@@ -44,6 +44,11 @@ refused: `StaleGradientError`) and, in sync sessions, wait for the accumulated s
 runs one with a NumPy loss-and-gradient function; `clients.torch.lr_find` for a torch
 model), and schedule plots (`schedule_png`, `preview_schedule_png`).
 
+Federated learning (docs/federated.md): `create_session(..., federated={...})` makes a
+federated session; `get_round` and `submit_update` are its calls, and `FederatedWorker`
+(`AsyncFederatedWorker`) runs one client's loop of rounds with a local `train`
+function (`clients.torch.torch_train` for a torch model).
+
 `clients.tensorfile` is the safetensors codec (NumPy only), shared with the server.
 The names below are imported on first use, so that `import clients.tensorfile` (which
 the server does) does not import httpx.
@@ -72,6 +77,7 @@ if TYPE_CHECKING:
         PayloadTooLargeError,
         RangeTestOverError,
         RateLimitError,
+        RoundClosedError,
         ServiceUnavailableError,
         StaleGradientError,
         TimeoutError,
@@ -79,16 +85,24 @@ if TYPE_CHECKING:
         ValidationError,
         WaitTimeoutError,
     )
+    from clients.federated import (
+        AsyncFederatedWorker,
+        FederatedWorker,
+        LocalResult,
+        RoundReport,
+    )
     from clients.lr_finder import lr_find
     from clients.results import (
         HistoryEntry,
         LRFinderResult,
         MetricsResult,
         ParamsResult,
+        RoundInfo,
         SchedulePreview,
         Session,
         StepResult,
         Suggestion,
+        UpdateResult,
     )
     from clients.retries import RetryPolicy
     from clients.sync import OptimizerClient
@@ -99,15 +113,21 @@ _EXPORTS: dict[str, str] = {
     "lr_find": "clients.lr_finder",
     "RetryPolicy": "clients.retries",
     **dict.fromkeys(
+        ["AsyncFederatedWorker", "FederatedWorker", "LocalResult", "RoundReport"],
+        "clients.federated",
+    ),
+    **dict.fromkeys(
         [
             "HistoryEntry",
             "LRFinderResult",
             "MetricsResult",
             "ParamsResult",
+            "RoundInfo",
             "SchedulePreview",
             "Session",
             "StepResult",
             "Suggestion",
+            "UpdateResult",
         ],
         "clients.results",
     ),
@@ -128,6 +148,7 @@ _EXPORTS: dict[str, str] = {
             "PayloadTooLargeError",
             "RangeTestOverError",
             "RateLimitError",
+            "RoundClosedError",
             "ServiceUnavailableError",
             "StaleGradientError",
             "TimeoutError",
@@ -154,17 +175,20 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AsyncFederatedWorker",
     "AsyncOptimizerClient",
     "AuthenticationError",
     "BadGatewayError",
     "BadRequestError",
     "ConflictError",
     "ConnectionError",
+    "FederatedWorker",
     "FieldError",
     "GatewayTimeoutError",
     "HistoryEntry",
     "InternalServerError",
     "LRFinderResult",
+    "LocalResult",
     "MetricsResult",
     "NoAverageError",
     "NoRangeTestError",
@@ -176,6 +200,9 @@ __all__ = [
     "RangeTestOverError",
     "RateLimitError",
     "RetryPolicy",
+    "RoundClosedError",
+    "RoundInfo",
+    "RoundReport",
     "SchedulePreview",
     "ServiceUnavailableError",
     "Session",
@@ -184,6 +211,7 @@ __all__ = [
     "Suggestion",
     "TimeoutError",
     "UnsupportedMediaTypeError",
+    "UpdateResult",
     "ValidationError",
     "WaitTimeoutError",
     "lr_find",

@@ -21,6 +21,14 @@ followed by `GET .../params?min_version=<wait_for>&timeout=<POLL_SECONDS>` polls
 means "not yet": polled again at once, since the server already waited) until the
 version is reached, or until `block_timeout` seconds have passed (`errors.TimeoutError`).
 A stale-gradient 409 is not retried (the same gradient stays stale).
+
+Federated sessions (docs/federated.md). `GET .../round` reads the open round (binary
+like the other reads); `POST .../rounds/{r}/updates` sends one client's update (its
+delta or new weights, `num_examples`, `metrics`). The server takes an update once per
+client and round and answers the same body again with its first answer, so the call is
+retried as a step is (the body bytes are built once and sent as they are on every
+retry; no Idempotency-Key is needed); a 409 `round-closed` (too late, or too early) is
+not retried.
 """
 
 from __future__ import annotations
@@ -50,17 +58,21 @@ from clients.decoding import (
     parse_png,
     parse_poll,
     parse_preview,
+    parse_round,
     parse_session,
     parse_step,
+    parse_update,
 )
 from clients.results import (
     HistoryEntry,
     LRFinderResult,
     MetricsResult,
     ParamsResult,
+    RoundInfo,
     SchedulePreview,
     Session,
     StepResult,
+    UpdateResult,
 )
 from clients.retries import RetryPolicy
 
@@ -82,6 +94,7 @@ BLOCK_TIMEOUT = 300.0
 USER_AGENT = "optserve-python-client/0.1"
 
 ReturnKind = Literal["params", "updates", "none"]
+UpdateKind = Literal["delta", "weights"]
 Tensors = Mapping[str, npt.ArrayLike]
 Timeout = float | httpx.Timeout | None
 T = TypeVar("T")
@@ -185,6 +198,7 @@ class BaseClient:
         swa: Mapping[str, Any] | None = None,
         consistency: str | Mapping[str, Any] | None = None,
         history: int | None = None,
+        federated: Mapping[str, Any] | None = None,
     ) -> Call[Session]:
         dtype_name = _dtype_name(dtype)
         if isinstance(consistency, str):  # the short form, spelled out
@@ -200,6 +214,7 @@ class BaseClient:
                 ("swa", swa),
                 ("consistency", consistency),
                 ("history", history),
+                ("federated", federated),
             )
             if value is not None
         }
@@ -398,6 +413,52 @@ class BaseClient:
         query = _query({"limit": str(_count("limit", limit))})
         return Call("GET", _session_path(session_id) + "/history" + query, parse_history)
 
+    def _round_call(self, session_id: str) -> Call[RoundInfo]:
+        path = _session_path(session_id) + "/round"
+        return Call("GET", path, parse_round, {"Accept": self._accept})
+
+    def _update_call(
+        self,
+        session_id: str,
+        round: int,
+        client_id: str,
+        *,
+        delta: Tensors | None,
+        weights: Tensors | None,
+        num_examples: int,
+        metrics: Mapping[str, float] | None,
+    ) -> Call[UpdateResult]:
+        """One client's update for a round; the body is built here once (the same bytes
+        on every retry, which the server answers with its first answer)."""
+        if (delta is None) == (weights is None):
+            raise ValueError("give exactly one of delta and weights")
+        kind: UpdateKind = "delta" if delta is not None else "weights"
+        tensors = delta if delta is not None else weights
+        assert tensors is not None
+        number = _count("round", round)
+        check_client_id(client_id)
+        if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)):
+            raise ValueError(f"num_examples must be an int >= 1: got {num_examples!r}")
+        if num_examples < 1:
+            raise ValueError(f"num_examples must be an int >= 1: got {num_examples!r}")
+        numbers = None if metrics is None else _finite_metrics(metrics)
+        if self.binary:
+            meta = {"client_id": client_id, "num_examples": str(int(num_examples)), "kind": kind}
+            if numbers is not None:
+                meta["metrics"] = _dumps(numbers)
+            content, ctype = _encode_tensors(tensors, meta), BINARY
+        else:
+            body: dict[str, Any] = {
+                "client_id": client_id,
+                kind: _json_tensors(tensors),
+                "num_examples": int(num_examples),
+            }
+            if numbers is not None:
+                body["metrics"] = numbers
+            content, ctype = _dumps(body).encode(), JSON
+        path = f"{_session_path(session_id)}/rounds/{number}/updates"
+        return Call("POST", path, parse_update, {"Content-Type": ctype}, content)
+
     def _lr_finder_call(self, session_id: str) -> Call[LRFinderResult]:
         return Call("GET", _session_path(session_id) + "/lr-finder", parse_lr_finder)
 
@@ -453,6 +514,31 @@ def _seconds(name: str, value: float, upper: float = MAX_SERVER_WAIT) -> float:
     return seconds
 
 
+def check_client_id(client_id: str) -> str:
+    """A federated client id: 1 to 128 printable characters (the server says which)."""
+    if not (
+        isinstance(client_id, str)
+        and 1 <= len(client_id) <= 128
+        and client_id.isprintable()
+        and not client_id.isspace()
+    ):
+        raise ValueError(f"client_id must be 1 to 128 printable characters: got {client_id!r}")
+    return client_id
+
+
+def _finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """An update's metrics as finite floats by name (the server takes no other)."""
+    out: dict[str, float] = {}
+    for name, value in metrics.items():
+        if not isinstance(name, str):
+            raise TypeError(f"metric names must be str: got {name!r}")
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError(f"metric {name!r} must be a finite number: got {number}")
+        out[name] = number
+    return out
+
+
 # --- encoding ------------------------------------------------------------------------------
 
 
@@ -504,4 +590,6 @@ __all__ = [
     "Call",
     "Flow",
     "ReturnKind",
+    "UpdateKind",
+    "check_client_id",
 ]

@@ -28,9 +28,11 @@ from clients.results import (
     LRFinderResult,
     MetricsResult,
     ParamsResult,
+    RoundInfo,
     SchedulePreview,
     Session,
     StepResult,
+    UpdateResult,
 )
 from clients.retries import Attempts, RetryPolicy
 
@@ -116,6 +118,7 @@ class AsyncOptimizerClient(BaseClient):
         swa: Mapping[str, Any] | None = None,
         consistency: str | Mapping[str, Any] | None = None,
         history: int | None = None,
+        federated: Mapping[str, Any] | None = None,
     ) -> Session:
         """Register `params` (name -> array) with an optimizer spec (`{"name": "adam",
         "lr": 1e-3, ...}`, torch.optim names) and an optional schedule; `dtype` is the
@@ -127,7 +130,13 @@ class AsyncOptimizerClient(BaseClient):
         "diverge_th"}`, `{}` for the defaults), `ema` (`{"decay", "bias_correction"}`),
         `swa` (`{"start", "every"}`), `consistency` (`"async"`, `"sync"`, or
         `{"mode", "max_staleness", "staleness_damping", "accumulate", "reduce"}`) and
-        `history` (how many history entries to keep)."""
+        `history` (how many history entries to keep).
+
+        `federated` (docs/federated.md): make a federated session, `{"min_clients",
+        "expected_clients", "round_timeout", "aggregator", "update"}`; the optimizer is
+        then a server optimizer (`fedavg`, `fedavgm`, `fedadagrad`, `fedadam`,
+        `fedyogi`) and rounds of client updates drive it (`get_round`,
+        `submit_update`, `clients.FederatedWorker`)."""
         call = self._create_call(
             params,
             optimizer,
@@ -140,6 +149,7 @@ class AsyncOptimizerClient(BaseClient):
             swa=swa,
             consistency=consistency,
             history=history,
+            federated=federated,
         )
         return await self._run(call)
 
@@ -229,6 +239,47 @@ class AsyncOptimizerClient(BaseClient):
         """The session's last `limit` history entries (steps and metrics), most recent
         first."""
         return await self._run(self._history_call(session_id, limit))
+
+    async def get_round(self, session_id: str) -> RoundInfo:
+        """The open round of a federated session: its number, deadline, who reported so
+        far, and the global params (`RoundInfo`). A look at the round past its deadline
+        closes it when it holds `min_clients` updates (the answer is then the next
+        round)."""
+        return await self._run(self._round_call(session_id))
+
+    async def submit_update(
+        self,
+        session_id: str,
+        round: int,
+        client_id: str,
+        *,
+        delta: Tensors | None = None,
+        weights: Tensors | None = None,
+        num_examples: int,
+        metrics: Mapping[str, float] | None = None,
+    ) -> UpdateResult:
+        """Send client `client_id`'s update for round `round` of a federated session:
+        exactly one of `delta` (new weights minus the round's global params) and
+        `weights` (the new weights), every tensor of the session; `num_examples` (>= 1,
+        its weight in the mean); `metrics` (finite numbers by name, averaged per round
+        on the server).
+
+        The server takes one update per client and round, and answers the same update
+        sent again with its first answer (`UpdateResult.replayed`): so a lost
+        connection, a timeout, 502/503/504 are retried with the same body bytes. An
+        update for a round that is not the open one raises `RoundClosedError` (its
+        `current_round`; not retried); a different update from the same client for the
+        same round is a `ValidationError`."""
+        call = self._update_call(
+            session_id,
+            round,
+            client_id,
+            delta=delta,
+            weights=weights,
+            num_examples=num_examples,
+            metrics=metrics,
+        )
+        return await self._run(call)
 
     async def lr_finder(self, session_id: str) -> LRFinderResult:
         """The LR range test of a session made with `lr_finder` (so far, or its end),

@@ -6,6 +6,7 @@ JSON nested lists), and raises an `OptserveError` for an answer it cannot read.
 from __future__ import annotations
 
 import functools
+import json
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -19,10 +20,12 @@ from clients.results import (
     LRFinderResult,
     MetricsResult,
     ParamsResult,
+    RoundInfo,
     SchedulePreview,
     Session,
     StepResult,
     Suggestion,
+    UpdateResult,
 )
 
 #: the media type of tensors as safetensors
@@ -109,7 +112,7 @@ def _opt_bool(value: Any) -> bool | None:
 
 @_parsing
 def parse_step(response: httpx.Response) -> StepResult:
-    replayed = response.headers.get("idempotent-replayed", "").lower() == "true"
+    replayed = _replayed(response)
     if _is_binary(response):
         tensors, meta = _decode_tensors(response)
         ret = meta.get("return", "params")
@@ -179,6 +182,51 @@ def parse_poll(response: httpx.Response) -> ParamsResult | None:
     if response.status_code == 408:
         return None
     return parse_params(response)
+
+
+def _replayed(response: httpx.Response) -> bool:
+    return str(response.headers.get("idempotent-replayed", "")).lower() == "true"
+
+
+@_parsing
+def parse_round(response: httpx.Response) -> RoundInfo:
+    """A federated round: JSON, or binary (the params as tensors, the rest as metadata
+    strings, `clients` a JSON string)."""
+    if _is_binary(response):
+        params, meta = _decode_tensors(response)
+        body: Mapping[str, Any] = meta
+        clients = json.loads(meta["clients"]) if meta.get("clients") else []
+    else:
+        body = response.json()
+        params = _json_arrays(body["params"]) or {}
+        clients = body.get("clients") or []
+    lr = _opt_float(body.get("lr"))
+    return RoundInfo(
+        round=int(body["round"]),
+        deadline=float(body["deadline"]),
+        opened_at=float(body["opened_at"]),
+        received=int(body["received"]),
+        min_clients=int(body["min_clients"]),
+        expected_clients=_opt_int(body.get("expected_clients")),
+        clients=[str(c) for c in clients],
+        step=int(body["step"]),
+        version=int(body["version"]),
+        lr=math.nan if lr is None else lr,
+        params=params,
+    )
+
+
+@_parsing
+def parse_update(response: httpx.Response) -> UpdateResult:
+    body = response.json()
+    return UpdateResult(
+        round=int(body["round"]),
+        accepted=bool(body["accepted"]),
+        received=int(body["received"]),
+        closed=bool(body["closed"]),
+        next_round=_opt_int(body.get("next_round")),
+        replayed=_replayed(response),
+    )
 
 
 @_parsing
@@ -267,6 +315,8 @@ __all__ = [
     "parse_png",
     "parse_poll",
     "parse_preview",
+    "parse_round",
     "parse_session",
     "parse_step",
+    "parse_update",
 ]

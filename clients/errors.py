@@ -19,7 +19,8 @@ same names. Everything derives from `OptserveError`:
     ├── ConflictError               409  (`in_flight`, `version_conflict`, `stale`, ...)
     │   ├── StaleGradientError      409  stale-gradient (`current_version`, `base_version`)
     │   ├── RangeTestOverError      409  range-test-over
-    │   └── NoAverageError          409  no-average
+    │   ├── NoAverageError          409  no-average
+    │   └── RoundClosedError        409  round-closed (`current_round`)
     ├── PayloadTooLargeError        413
     ├── UnsupportedMediaTypeError   415
     ├── ValidationError             422
@@ -144,7 +145,8 @@ class ConflictError(OptserveError):
     (`in_flight`) and a version conflict the server could not resolve
     (`version_conflict`) are retried by the clients; the others are not (sending the
     same request again cannot succeed): a stale gradient (`StaleGradientError`), a
-    range test that is over (`RangeTestOverError`), no average yet (`NoAverageError`).
+    range test that is over (`RangeTestOverError`), no average yet (`NoAverageError`),
+    a federated update for a round that is not the open one (`RoundClosedError`).
     """
 
     @property
@@ -169,6 +171,11 @@ class ConflictError(OptserveError):
     def range_test_over(self) -> bool:
         """A step sent to an LR range-test session whose test has ended."""
         return self.slug == "range-test-over"
+
+    @property
+    def round_closed(self) -> bool:
+        """A federated update for a round that is not the session's open round."""
+        return self.slug == "round-closed"
 
 
 def _int_member(error: OptserveError, name: str) -> int | None:
@@ -201,6 +208,17 @@ class RangeTestOverError(ConflictError):
 class NoAverageError(ConflictError):
     """409 `no-average`: averaged params (`average="ema"`/`"swa"`) asked for before any
     step was averaged. Not retried."""
+
+
+class RoundClosedError(ConflictError):
+    """409 `round-closed`: a federated update (docs/federated.md) for a round that is not
+    the session's open one: it closed before the update came (a straggler), or it has
+    not opened. Nothing was taken; not retried (the round will not reopen).
+    `current_round` is the session's open round (None if the server did not say)."""
+
+    @property
+    def current_round(self) -> int | None:
+        return _int_member(self, "round")
 
 
 class PayloadTooLargeError(OptserveError):
@@ -276,6 +294,7 @@ TYPE_ERRORS: dict[str, type[OptserveError]] = {
     "range-test-over": RangeTestOverError,
     "no-average": NoAverageError,
     "no-range-test": NoRangeTestError,
+    "round-closed": RoundClosedError,
 }
 
 #: the members of a problem that are not extension members
@@ -351,6 +370,7 @@ __all__ = [
     "PayloadTooLargeError",
     "RangeTestOverError",
     "RateLimitError",
+    "RoundClosedError",
     "ServiceUnavailableError",
     "StaleGradientError",
     "TimeoutError",

@@ -34,17 +34,17 @@ warning. The session is deleted at the end unless `keep_session`.
 
 from __future__ import annotations
 
-import importlib
 import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Mapping
+from contextlib import suppress
 from dataclasses import replace
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
+from clients._progress import Bar, progress_bar
 from clients.errors import OptserveError, RangeTestOverError
 from clients.results import LRFinderResult
 from clients.sync import OptimizerClient
@@ -53,38 +53,6 @@ __all__ = ["LossAndGrads", "lr_find"]
 
 #: the params (name -> array) to their loss and gradients (name -> array)
 LossAndGrads = Callable[[dict[str, np.ndarray]], tuple[float, Mapping[str, npt.ArrayLike]]]
-
-
-class _Bar(Protocol):
-    def update(self, n: int = 1) -> object: ...
-    def set_postfix(self, **kwargs: Any) -> object: ...
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        return None
-
-    def set_postfix(self, **kwargs: Any) -> None:
-        return None
-
-
-@contextmanager
-def _progress_bar(enabled: bool, total: int) -> Iterator[_Bar]:
-    if not enabled:
-        yield _NoBar()
-        return
-    try:  # not a dependency, and without type stubs: imported by name
-        tqdm = importlib.import_module("tqdm.auto").tqdm
-    except ImportError:
-        raise ImportError(
-            "lr_find(progress=True) draws its progress bar with tqdm, which is not "
-            "installed: pip install tqdm (or pass progress=False)"
-        ) from None
-    bar = tqdm(total=total, desc="lr_find", unit="step")
-    try:
-        yield bar
-    finally:
-        bar.close()
 
 
 class _Divergence:
@@ -153,7 +121,9 @@ def lr_find(
     own_client = client is None
     http = OptimizerClient() if client is None else client
     try:
-        with _progress_bar(progress, int(num_steps)) as bar:
+        with progress_bar(
+            progress, int(num_steps), desc="lr_find", unit="step", caller="lr_find(progress=True)"
+        ) as bar:
             session = http.create_session(
                 current, dict(optimizer or {"name": "sgd"}), dtype=dtype, lr_finder=config
             )
@@ -178,7 +148,7 @@ def _run(
     params: dict[str, np.ndarray],
     loss_and_grads: LossAndGrads,
     config: Mapping[str, Any],
-    bar: _Bar,
+    bar: Bar,
 ) -> LRFinderResult:
     rule = _Divergence(config["num_steps"], config["smooth_f"], config["diverge_th"])
     while True:

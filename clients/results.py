@@ -1,7 +1,9 @@
 """The results of the clients' calls: the session document (`Session`), a step's answer
 (`StepResult`), params (`ParamsResult`), a schedule preview (`SchedulePreview`), the
-answer to a loss (`MetricsResult`), history entries (`HistoryEntry`) and a range test
-(`LRFinderResult`, its `Suggestion`s). clients/decoding.py builds them from the answers.
+answer to a loss (`MetricsResult`), history entries (`HistoryEntry`), a range test
+(`LRFinderResult`, its `Suggestion`s) and a federated session's round (`RoundInfo`) and
+the answer to an update (`UpdateResult`). clients/decoding.py builds them from the
+answers.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ class Session:
     test's config), `ema`, `swa`, `consistency` (`{"mode": "async" | "sync", ...}`),
     `history` (how many history entries it keeps) and, for sync sessions, `pending`
     (`{"base_version", "count", "accumulate"}`).
+
+    Federated sessions (docs/federated.md): `federated` (`min_clients`,
+    `expected_clients`, `round_timeout`, `aggregator`, `update`, defaults filled) and
+    `round`, the open round's number; both None for other sessions.
     """
 
     id: str
@@ -42,6 +48,8 @@ class Session:
     consistency: dict[str, Any] | None = None
     history: int | None = None
     pending: dict[str, Any] | None = None
+    federated: dict[str, Any] | None = None
+    round: int | None = None
 
     @property
     def sync(self) -> bool:
@@ -53,6 +61,7 @@ class Session:
         params = doc.get("params") or {}
         lr = doc.get("lr")
         history = doc.get("history")
+        round_ = doc.get("round")
         consistency = doc.get("consistency")
         if isinstance(consistency, str):
             consistency = {"mode": consistency}
@@ -72,6 +81,8 @@ class Session:
             consistency=_opt_dict(consistency),
             history=None if history is None else int(history),
             pending=_opt_dict(doc.get("pending")),
+            federated=_opt_dict(doc.get("federated")),
+            round=None if round_ is None else int(round_),
         )
 
 
@@ -204,6 +215,46 @@ class LRFinderResult:
     session_id: str | None = None
 
 
+@dataclass(frozen=True, eq=False)
+class RoundInfo:
+    """The open round of a federated session (`GET .../round`, docs/federated.md).
+
+    `round`: its number; `opened_at` / `deadline`: Unix times (the server's clock);
+    `received`: the updates in so far, from `clients` (their ids, in arrival order);
+    `min_clients` / `expected_clients` (None: only the deadline closes it): the
+    session's; `step` / `version`: the global params' counters; `lr`: the server rate
+    the round will close with; `params`: the global params (name -> array; float64
+    from a JSON answer).
+    """
+
+    round: int
+    deadline: float
+    opened_at: float
+    received: int
+    min_clients: int
+    expected_clients: int | None
+    clients: list[str]
+    step: int
+    version: int
+    lr: float
+    params: dict[str, np.ndarray] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """The answer to a federated update: the round it was for, `accepted`, how many
+    updates that round holds (`received`), whether this update closed it (`closed`, then
+    `next_round` is the round now open); `replayed`: the server's recorded answer to the
+    same update sent before (an earlier attempt whose answer was lost)."""
+
+    round: int
+    accepted: bool
+    received: int
+    closed: bool
+    next_round: int | None = None
+    replayed: bool = False
+
+
 def _opt_dict(value: Any) -> dict[str, Any] | None:
     return None if value is None else dict(value)
 
@@ -213,9 +264,11 @@ __all__ = [
     "LRFinderResult",
     "MetricsResult",
     "ParamsResult",
+    "RoundInfo",
     "SchedulePreview",
     "Session",
     "StepResult",
     "StepStatus",
     "Suggestion",
+    "UpdateResult",
 ]

@@ -71,6 +71,27 @@ each with its model replica) may step one session (`session_id=`). Every step se
 `swa=`) as tensors; `lr_find(model, loss_fn, data)` runs an LR range test of the model
 on the server and restores its weights afterwards.
 
+Federated learning (docs/federated.md): `torch_train(model, fit)` is the `train` of a
+`clients.FederatedWorker` for a torch model, and `numpy_params(model)` its parameters
+as the params of a new session::
+
+    def fit(model, round):  # local epochs on this client's data
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for x, y in loader:
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+        return len(loader.dataset), {"loss": loss.item()}
+
+    worker = FederatedWorker(client, session_id, "c1", torch_train(model, fit))
+    worker.run(rounds=10)
+
+The session's tensor names are the model's `state_dict()` names (its parameters', as
+`named_parameters()` gives them, and buffers' if the session holds some): each round
+copies the global params into those tensors in place (on their device, in their dtype),
+calls `fit`, and reads the same tensors back.
+
 This module is the only one of `clients` that imports torch.
 """
 
@@ -89,10 +110,11 @@ import torch
 
 from clients import OptimizerClient
 from clients.errors import OptserveError, StaleGradientError
+from clients.federated import LocalResult
 from clients.lr_finder import lr_find as _lr_find_numpy
 from clients.results import LRFinderResult
 
-__all__ = ["RemoteOptimizer", "lr_find"]
+__all__ = ["RemoteOptimizer", "lr_find", "numpy_params", "torch_train"]
 
 _DTYPES: dict[torch.dtype, str] = {torch.float32: "float32", torch.float64: "float64"}
 StateDict = dict[str, Any]
@@ -505,3 +527,56 @@ def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, (tuple, list)):
         return type(value)(_to_device(v, device) for v in value)
     return value
+
+
+# --- federated learning --------------------------------------------------------------------
+
+#: `fit(model, round)` of `torch_train`: the examples trained on, and optional metrics
+FitResult = int | tuple[int, Mapping[str, float] | None]
+
+
+def numpy_params(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The model's parameters (`named_parameters()`) as NumPy arrays (copies, on the
+    CPU): the params of a federated session for `torch_train`."""
+    with torch.no_grad():
+        return {name: _numpy_copy(p) for name, p in model.named_parameters()}
+
+
+def torch_train(
+    model: torch.nn.Module, fit: Callable[[torch.nn.Module, int], FitResult]
+) -> Callable[[dict[str, np.ndarray], int], LocalResult]:
+    """The `train(global_params, round)` of a `clients.FederatedWorker` for `model`:
+    copies the round's global params into the model's tensors of the same names (its
+    `state_dict()` names, in place), runs `fit(model, round)`, which trains it and
+    returns the number of examples (or `(num_examples, metrics)`), and returns those
+    tensors' new values as NumPy arrays (see the module docstring)."""
+
+    def train(params: dict[str, np.ndarray], round: int) -> LocalResult:
+        state = model.state_dict()
+        unknown = [name for name in params if name not in state]
+        if unknown:
+            raise ValueError(
+                f"the session holds tensors the model has not: {unknown} (the session's "
+                "names must be the model's state_dict names, as numpy_params gives them)"
+            )
+        with torch.no_grad():
+            for name, value in params.items():
+                target = state[name]
+                target.copy_(torch.from_numpy(np.array(value)).reshape(target.shape))
+        done = fit(model, round)
+        num_examples, metrics = done if isinstance(done, tuple) else (done, None)
+        with torch.no_grad():
+            state = model.state_dict()
+            weights = {name: _numpy_copy(state[name]) for name in params}
+        return LocalResult(weights, int(num_examples), metrics)
+
+    return train
+
+
+def _numpy_copy(t: torch.Tensor) -> np.ndarray:
+    """A tensor's values as a new NumPy array on the CPU (bfloat16 as float32)."""
+    t = t.detach().to("cpu")
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    array: np.ndarray = t.numpy().copy()
+    return array

@@ -434,3 +434,291 @@ class FakeRangeTestServer:
             "next_lr": None if done else s.ramp(len(s.lrs)),
             "suggestions": {"steepest": {**steepest, "reference": "fake"}},
         }
+
+
+# --- a fake server of federated sessions ---------------------------------------------------
+
+
+@dataclass
+class ReceivedUpdate:
+    """An update the fake federation took (or refused: `answer` None)."""
+
+    round: int
+    client_id: str
+    kind: str
+    tensors: dict[str, Any]
+    num_examples: int
+    metrics: dict[str, float] | None
+    body: bytes
+    binary: bool
+
+
+class FakeFederation:
+    """A `httpx.MockTransport` handler serving one federated session (`SID`) as
+    docs/federated.md describes it, on a fake clock: `GET /v1/sessions/{id}`, `GET
+    .../round` (JSON or binary) and `POST .../rounds/{r}/updates` (JSON or binary).
+
+    The server optimizer is fedavg with lr 1 and the mean aggregator (weighted by
+    `num_examples`): a round's close adds the weighted mean of its deltas to the params.
+    A round closes when `expected_clients` reported, or when a request that touches it
+    (an update, or a look at the round) comes past its deadline with `min_clients` in.
+    Updates are idempotent per client and round (the same body gets the first answer,
+    `Idempotent-Replayed: true`; another body 422); an update for another round is 409
+    `round-closed` (member `round`).
+
+    Other clients are simulated: `phantoms` maps an id to the seconds after a round
+    opens at which it reports (a zero delta, one example), if the round is still open.
+    The clock `now` moves only by `sleep` / `asleep` / `advance` (the clients' and the
+    workers' sleeps); phantom reports due by `now` are taken (at their time) before each
+    request is answered. `drop_answers`: the numbers (1-based) of update requests whose
+    answer is lost after the update was taken (`RemoteProtocolError`).
+
+    Records: `requests` (`(method, path)`), `raw` (the requests), `waits` (the sleeps),
+    `taken` / `refused` (the updates of the workers: taken, or refused with a 409),
+    `closed` (`(round, clients, time)` of each round closed).
+    """
+
+    SID = "f1"
+
+    def __init__(
+        self,
+        params: Mapping[str, Any],
+        *,
+        dtype: str = "float32",
+        min_clients: int = 1,
+        expected_clients: int | None = None,
+        round_timeout: float = 60.0,
+        phantoms: Mapping[str, float] | None = None,
+        drop_answers: Iterable[int] = (),
+        now: float = 1_000.0,
+    ) -> None:
+        import numpy as np
+
+        self.dtype = dtype
+        self.params = {n: np.asarray(v, dtype=dtype) for n, v in params.items()}
+        self.min_clients = min_clients
+        self.expected_clients = expected_clients
+        self.round_timeout = round_timeout
+        self.phantoms = dict(phantoms or {})
+        self.drop_answers = set(drop_answers)
+        self.now = now
+        self.round = 0
+        self.opened_at = now
+        #: this round's updates by client: (body, answer)
+        self.current: dict[str, tuple[bytes, dict[str, Any]]] = {}
+        self.deltas: dict[str, tuple[Any, int]] = {}
+        #: every update taken, and the answers by (client, round) for replays
+        self.taken: list[ReceivedUpdate] = []
+        self.refused: list[ReceivedUpdate] = []
+        self.answers: dict[tuple[str, int], tuple[bytes, dict[str, Any]]] = {}
+        #: the rounds closed: (round, clients, closing time)
+        self.closed: list[tuple[int, list[str], float]] = []
+        self.requests: list[tuple[str, str]] = []
+        self.raw: list[httpx.Request] = []
+        self.waits: list[float] = []
+        self.update_requests = 0
+
+    # the clock ------------------------------------------------------------------------
+
+    def clock(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self.now += seconds
+
+    async def asleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self.now += seconds
+        await asyncio.sleep(0)  # let the other tasks run
+
+    @property
+    def deadline(self) -> float:
+        return self.opened_at + self.round_timeout
+
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self)
+
+    # the rounds -----------------------------------------------------------------------
+
+    def _catch_up(self) -> None:
+        """Take the phantom reports due by `now`, each at its time."""
+        while True:
+            due = [
+                (self.opened_at + delay, pid)
+                for pid, delay in self.phantoms.items()
+                if pid not in self.current and self.opened_at + delay <= self.now
+            ]
+            if not due:
+                return
+            when, pid = min(due)
+            import numpy as np
+
+            zeros = {n: np.zeros_like(a) for n, a in self.params.items()}
+            self._take(pid, zeros, 1, b"phantom", {"round": self.round}, when)
+
+    def _take(
+        self,
+        client: str,
+        delta: dict[str, Any],
+        n: int,
+        body: bytes,
+        answer: dict[str, Any],
+        when: float,
+    ) -> dict[str, Any]:
+        self.current[client] = (body, answer)
+        self.deltas[client] = (delta, n)
+        answer.update(accepted=True, received=len(self.current), closed=False)
+        if self._closable(when):
+            answer.update(closed=True, next_round=self.round + 1)
+            self._close(when)
+        return answer
+
+    def _closable(self, when: float) -> bool:
+        received = len(self.current)
+        if received < self.min_clients:
+            return False
+        if self.expected_clients is not None and received >= self.expected_clients:
+            return True
+        return when >= self.deadline
+
+    def _close(self, when: float) -> None:
+        total = sum(n for _, n in self.deltas.values())
+        for name in self.params:
+            mean = sum(d[name].astype("float64") * n for d, n in self.deltas.values()) / total
+            self.params[name] = (self.params[name] + mean).astype(self.dtype)
+        for client, (body, answer) in self.current.items():
+            self.answers[(client, self.round)] = (body, answer)
+        self.closed.append((self.round, list(self.current), when))
+        self.round += 1
+        self.opened_at = when
+        self.current, self.deltas = {}, {}
+
+    # HTTP -----------------------------------------------------------------------------
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        request.read()
+        method, path = request.method, request.url.path
+        self.requests.append((method, path))
+        self.raw.append(request)
+        self._catch_up()
+        base = f"/v1/sessions/{self.SID}"
+        if method == "GET" and path == base:
+            return httpx.Response(200, json=self.doc())
+        if method == "GET" and path == base + "/round":
+            if self._closable(self.now):
+                self._close(self.now)
+            return self._round_answer(request.headers.get("accept") == "application/octet-stream")
+        prefix = base + "/rounds/"
+        if method == "POST" and path.startswith(prefix) and path.endswith("/updates"):
+            number = int(path[len(prefix) : -len("/updates")])
+            response = self._update(request, number)
+            self.update_requests += 1
+            if self.update_requests in self.drop_answers:
+                raise httpx.RemoteProtocolError("answer lost", request=request)
+            return response
+        if path.startswith("/v1/sessions/"):
+            return problem_response(404, "not-found", "no session with this id")
+        return problem_response(405, "method-not-allowed", f"{method} {path}")
+
+    def doc(self) -> dict[str, Any]:
+        return session_doc(
+            self.SID,
+            step=self.round,
+            version=self.round,
+            dtype=self.dtype,
+            optimizer={"name": "fedavg", "lr": 1.0},
+            params={n: {"shape": list(a.shape)} for n, a in self.params.items()},
+            federated={
+                "min_clients": self.min_clients,
+                "expected_clients": self.expected_clients,
+                "round_timeout": self.round_timeout,
+                "aggregator": {"name": "mean"},
+                "update": "delta",
+            },
+            round=self.round,
+        )
+
+    def _round_answer(self, binary: bool) -> httpx.Response:
+        info: dict[str, Any] = {
+            "round": self.round,
+            "deadline": self.deadline,
+            "opened_at": self.opened_at,
+            "received": len(self.current),
+            "min_clients": self.min_clients,
+            "expected_clients": self.expected_clients,
+            "clients": list(self.current),
+            "step": self.round,
+            "version": self.round,
+            "lr": 1.0,
+        }
+        if binary:
+            from clients import tensorfile
+
+            meta = {k: _meta_text(v) for k, v in info.items() if v is not None}
+            return httpx.Response(
+                200,
+                content=tensorfile.encode(self.params, meta),
+                headers={"Content-Type": "application/octet-stream"},
+            )
+        params = {n: a.tolist() for n, a in self.params.items()}
+        return httpx.Response(200, json={**info, "params": params})
+
+    def _update(self, request: httpx.Request, number: int) -> httpx.Response:
+        import numpy as np
+
+        from clients import tensorfile
+
+        body = request.content
+        binary = request.headers.get("content-type") == "application/octet-stream"
+        if binary:
+            tensors, meta = tensorfile.decode(body)
+            client, kind = meta["client_id"], meta["kind"]
+            n = int(meta["num_examples"])
+            metrics = json.loads(meta["metrics"]) if "metrics" in meta else None
+        else:
+            data = json.loads(body)
+            client, n, metrics = data["client_id"], data["num_examples"], data.get("metrics")
+            kind = "delta" if "delta" in data else "weights"
+            tensors = {k: np.asarray(v) for k, v in data[kind].items()}
+        seen = self.answers.get((client, number))
+        if seen is None and number == self.round and client in self.current:
+            seen = self.current[client]
+        if seen is not None:
+            if seen[0] != body:
+                return problem_response(422, "validation-error", "a different update")
+            return httpx.Response(200, json=seen[1], headers={"Idempotent-Replayed": "true"})
+        received = ReceivedUpdate(number, client, kind, dict(tensors), n, metrics, body, binary)
+        if number != self.round:
+            self.refused.append(received)
+            return _problem_json(409, "round-closed", round=self.round)
+        self.taken.append(received)
+        delta = {
+            name: np.asarray(tensors[name], dtype="float64")
+            - (self.params[name] if kind == "weights" else 0)
+            for name in self.params
+        }
+        answer = self._take(client, delta, n, body, {"round": number}, self.now)
+        return httpx.Response(200, json=answer)
+
+
+def _meta_text(value: Any) -> str:
+    """A binary answer's metadata value, as the server writes it."""
+    if isinstance(value, list):
+        return json.dumps(value)
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _problem_json(status: int, slug: str, **members: Any) -> httpx.Response:
+    body = {
+        "type": f"urn:optserve:problem:{slug}",
+        "title": slug,
+        "status": status,
+        "detail": f"{slug} detail",
+        "errors": [],
+        **members,
+    }
+    return httpx.Response(status, json=body, headers={"Content-Type": PROBLEM})
