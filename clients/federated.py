@@ -62,7 +62,7 @@ import time
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -158,9 +158,10 @@ _Action = Call[Any] | _Sleep | _Train | _Submit
 _Loop = Generator[_Action, Any, list[RoundReport]]
 
 ClientT = TypeVar("ClientT", bound=BaseClient)
+TrainT = TypeVar("TrainT")
 
 
-class _WorkerBase(Generic[ClientT]):
+class _WorkerBase(Generic[ClientT, TrainT]):
     """The settings and the loop shared by `FederatedWorker` and `AsyncFederatedWorker`
     (which carry out its actions with their I/O)."""
 
@@ -169,6 +170,7 @@ class _WorkerBase(Generic[ClientT]):
         client: ClientT,
         session_id: str,
         client_id: str,
+        train: TrainT,
         *,
         send: UpdateKind = "delta",
         poll_interval: float = 0.5,
@@ -184,6 +186,7 @@ class _WorkerBase(Generic[ClientT]):
         self.client = client
         self.session_id = session_id
         self.client_id = check_client_id(client_id)
+        self.train = train
         self.send: UpdateKind = send
         self.poll_interval = interval
         self.max_rounds = _rounds("max_rounds", max_rounds)
@@ -309,7 +312,7 @@ class _WorkerBase(Generic[ClientT]):
         return out
 
 
-class FederatedWorker(_WorkerBase[OptimizerClient]):
+class FederatedWorker(_WorkerBase[OptimizerClient, TrainFn]):
     """A client of a federated session: `run` takes part in its rounds (see the module
     docstring).
 
@@ -325,31 +328,6 @@ class FederatedWorker(_WorkerBase[OptimizerClient]):
     tqdm is installed separately). `stop_when(report)`: called after each round; True
     ends `run`.
     """
-
-    def __init__(
-        self,
-        client: OptimizerClient,
-        session_id: str,
-        client_id: str,
-        train: TrainFn,
-        *,
-        send: Literal["delta", "weights"] = "delta",
-        poll_interval: float = 0.5,
-        max_rounds: int | None = None,
-        progress: bool = False,
-        stop_when: Callable[[RoundReport], bool] | None = None,
-    ) -> None:
-        super().__init__(
-            client,
-            session_id,
-            client_id,
-            send=send,
-            poll_interval=poll_interval,
-            max_rounds=max_rounds,
-            progress=progress,
-            stop_when=stop_when,
-        )
-        self.train = train
 
     def run(self, rounds: int | None = None) -> list[RoundReport]:
         """Take part in `rounds` rounds (None: `max_rounds`; both None: until
@@ -379,34 +357,9 @@ class FederatedWorker(_WorkerBase[OptimizerClient]):
         return self.client._run(action)
 
 
-class AsyncFederatedWorker(_WorkerBase[AsyncOptimizerClient]):
+class AsyncFederatedWorker(_WorkerBase[AsyncOptimizerClient, AsyncTrainFn]):
     """`FederatedWorker` over an `AsyncOptimizerClient` (`await worker.run(rounds)`);
     `train` may be a plain function or a coroutine function."""
-
-    def __init__(
-        self,
-        client: AsyncOptimizerClient,
-        session_id: str,
-        client_id: str,
-        train: AsyncTrainFn,
-        *,
-        send: Literal["delta", "weights"] = "delta",
-        poll_interval: float = 0.5,
-        max_rounds: int | None = None,
-        progress: bool = False,
-        stop_when: Callable[[RoundReport], bool] | None = None,
-    ) -> None:
-        super().__init__(
-            client,
-            session_id,
-            client_id,
-            send=send,
-            poll_interval=poll_interval,
-            max_rounds=max_rounds,
-            progress=progress,
-            stop_when=stop_when,
-        )
-        self.train = train
 
     async def run(self, rounds: int | None = None) -> list[RoundReport]:
         """Take part in `rounds` rounds (None: `max_rounds`; both None: until
