@@ -15,8 +15,8 @@ same names. Everything derives from `OptserveError`:
     ├── BadRequestError             400
     ├── AuthenticationError         401
     ├── NotFoundError               404
-    │   └── NoRangeTestError        404  no-range-test (the session runs no LR range test)
     ├── ConflictError               409  (`in_flight`, `version_conflict`, `stale`, ...)
+    │   ├── NoRangeTestError        409  no-range-test (the session runs no LR range test)
     │   ├── StaleGradientError      409  stale-gradient (`current_version`, `base_version`)
     │   ├── RangeTestOverError      409  range-test-over
     │   ├── NoAverageError          409  no-average
@@ -136,16 +136,13 @@ class NotFoundError(OptserveError):
     """404: no such session (or another tenant's)."""
 
 
-class NoRangeTestError(NotFoundError):
-    """404 `no-range-test`: the range-test result of a session made without `lr_finder`."""
-
-
 class ConflictError(OptserveError):
     """409: nothing was applied. The same `Idempotency-Key` still in flight
     (`in_flight`) and a version conflict the server could not resolve
     (`version_conflict`) are retried by the clients; the others are not (sending the
     same request again cannot succeed): a stale gradient (`StaleGradientError`), a
     range test that is over (`RangeTestOverError`), no average yet (`NoAverageError`),
+    the range-test result of a session that runs none (`NoRangeTestError`),
     a federated update for a round that is not the open one (`RoundClosedError`).
     """
 
@@ -183,6 +180,10 @@ def _int_member(error: OptserveError, name: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return int(value)
+
+
+class NoRangeTestError(ConflictError):
+    """409 `no-range-test`: the range-test result of a session made without `lr_finder`."""
 
 
 class StaleGradientError(ConflictError):

@@ -166,15 +166,16 @@ class NoAverage(ApiError):
 
 
 class NoRangeTest(ApiError):
-    """404: the range-test result of a session that runs no range test."""
+    """409: the range-test result of a session that runs no range test (not 404, which
+    says the session itself does not exist)."""
 
-    status, slug, title = 404, "no-range-test", "No range test"
+    status, slug, title = 409, "no-range-test", "No range test"
 
 
 class NotFederated(ApiError):
-    """404: the round of a session that is not federated."""
+    """409: the round of a session that is not federated (the session exists)."""
 
-    status, slug, title = 404, "not-federated", "Not a federated session"
+    status, slug, title = 409, "not-federated", "Not a federated session"
 
 
 class WaitTimeout(ApiError):

@@ -391,7 +391,7 @@ def _problem_examples() -> dict[tuple[str, int], dict[str, Any]]:
                 },
             )
         },
-        ("getLRFinder", 404): {
+        ("getLRFinder", 409): {
             "no-range-test": _ex(
                 NoRangeTest.title,
                 NoRangeTest(

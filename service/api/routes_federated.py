@@ -38,7 +38,7 @@ RoundNumber = Annotated[int, Path(ge=0, description="the round the update belong
                 },
             },
         },
-        **problems(401, 404, 503),
+        **problems(401, 404, 409, 503),
     },
 )
 async def get_round(

@@ -75,7 +75,7 @@ async def get_history(
     summary="Read the LR range test",
     operation_id="getLRFinder",
     response_model=LRFinderResponse,
-    responses=problems(401, 404, 503),
+    responses=problems(401, 404, 409, 503),
 )
 async def get_lr_finder(session_id: SessionId, tenant: Tenant, engine: EngineDep) -> Response:
     """The rates, raw and smoothed losses, stop reason and suggestions of the session's
@@ -88,7 +88,7 @@ async def get_lr_finder(session_id: SessionId, tenant: Tenant, engine: EngineDep
     summary="Plot the LR range test",
     operation_id="getLRFinderPlot",
     response_class=Response,
-    responses={**_PNG_RESPONSE, **problems(401, 404, 503)},
+    responses={**_PNG_RESPONSE, **problems(401, 404, 409, 503)},
 )
 async def get_lr_finder_png(session_id: SessionId, tenant: Tenant, engine: EngineDep) -> Response:
     """Loss against rate, the smoothed curve over the raw one, the suggestions marked."""

@@ -236,5 +236,5 @@ async def test_refused_updates_change_nothing(api: Api) -> None:
     assert r.status_code == 422
     plain = (await api.create({"optimizer": {"name": "sgd"}, "params": X0}))["id"]
     r = await api.client.get(f"/v1/sessions/{plain}/round", headers=api.headers)
-    assert r.status_code == 404
+    assert r.status_code == 409
     assert r.json()["type"] == "urn:optserve:problem:not-federated"

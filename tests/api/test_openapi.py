@@ -55,11 +55,11 @@ API_MD: dict[tuple[str, str], set[str]] = {
         *("200", "400", "401", "404", "409", "413", "415", "422", "503"),
     },
     ("/v1/sessions/{session_id}/history", "get"): {"200", "401", "404", "422", "503"},
-    ("/v1/sessions/{session_id}/lr-finder", "get"): {"200", "401", "404", "503"},
-    ("/v1/sessions/{session_id}/lr-finder.png", "get"): {"200", "401", "404", "503"},
+    ("/v1/sessions/{session_id}/lr-finder", "get"): {"200", "401", "404", "409", "503"},
+    ("/v1/sessions/{session_id}/lr-finder.png", "get"): {"200", "401", "404", "409", "503"},
     ("/v1/sessions/{session_id}/schedule.png", "get"): {"200", "401", "404", "422", "503"},
     # docs/federated.md
-    ("/v1/sessions/{session_id}/round", "get"): {"200", "401", "404", "503"},
+    ("/v1/sessions/{session_id}/round", "get"): {"200", "401", "404", "409", "503"},
     ("/v1/sessions/{session_id}/rounds/{round}/updates", "post"): {
         *("200", "400", "401", "404", "409", "413", "415", "422", "503"),
     },

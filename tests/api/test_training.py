@@ -189,7 +189,7 @@ async def test_a_session_without_range_test_has_no_result(api: Api) -> None:
     sid = (await _create(api))["id"]
     for path in ("lr-finder", "lr-finder.png"):
         r = await api.client.get(f"/v1/sessions/{sid}/{path}", headers=api.headers)
-        await _refused(api, sid, r, 404, "no-range-test")
+        await _refused(api, sid, r, 409, "no-range-test")
 
 
 # --- losses without a step, history -----------------------------------------------------------

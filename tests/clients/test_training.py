@@ -284,7 +284,7 @@ def test_problem_types_choose_the_class() -> None:
         return error_for_status(status, answer.content, answer.headers)
 
     assert type(error(409, "no-average")) is NoAverageError
-    assert type(error(404, "no-range-test")) is NoRangeTestError
+    assert type(error(409, "no-range-test")) is NoRangeTestError
     assert type(error(409, "version-conflict")) is ConflictError
     timeout = error(408, "wait-timeout", version=4)
     assert type(timeout) is WaitTimeoutError
@@ -444,7 +444,7 @@ def test_lr_finder_result() -> None:
     )
     valley = result.suggestions["valley"]
     assert (valley.lr, valley.index, valley.reason) == (None, None, "needs at least 1 point")
-    script = Script([problem(404, "no-range-test")])
+    script = Script([problem(409, "no-range-test")])
     with sync_client(script) as client, pytest.raises(NoRangeTestError):
         client.lr_finder("s1")
 
