@@ -252,6 +252,12 @@ def parse_history(response: httpx.Response) -> list[HistoryEntry]:
             skipped=_opt_bool(e.get("skipped")),
             staleness=_opt_int(e.get("staleness")),
             contributors=_opt_int(e.get("contributors")),
+            round=_opt_int(e.get("round")),
+            clients=None if e.get("clients") is None else [str(c) for c in e["clients"]],
+            num_examples=_opt_int(e.get("num_examples")),
+            metrics=None
+            if e.get("metrics") is None
+            else {str(k): float(v) for k, v in e["metrics"].items()},
         )
         for e in response.json()["entries"]
     ]

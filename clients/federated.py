@@ -70,7 +70,7 @@ import numpy.typing as npt
 from clients._base import BaseClient, Call, UpdateKind, check_client_id
 from clients._progress import Bar, progress_bar
 from clients.async_client import AsyncOptimizerClient
-from clients.errors import RoundClosedError
+from clients.errors import ConflictError, RoundClosedError
 from clients.results import RoundInfo, Session, UpdateResult
 from clients.sync import OptimizerClient
 
@@ -148,7 +148,8 @@ class _Train:
 
 @dataclass(frozen=True)
 class _Submit:
-    """An update: answered by its `UpdateResult`, or the `RoundClosedError` it raised."""
+    """An update: answered by its `UpdateResult`, or the `RoundClosedError` (or the
+    in-flight `ConflictError`) it raised."""
 
     call: Call[UpdateResult]
 
@@ -236,12 +237,22 @@ class _WorkerBase(Generic[ClientT, TrainT]):
                 num_examples=local.num_examples,
                 metrics=local.metrics,
             )
-            answer: UpdateResult | RoundClosedError = yield _Submit(call)
+            while True:
+                answer: UpdateResult | ConflictError = yield _Submit(call)
+                if not (isinstance(answer, ConflictError) and answer.in_flight):
+                    break
+                # our earlier attempt's claim, left by a server killed while it held it:
+                # it lapses after the server's idempotency_lock_ttl; the same bytes then
+                # apply once (or answer that the round closed)
+                yield _Sleep(self.poll_interval)
             done = info.round
+            update: UpdateResult | None = None
+            current: int | None = None
             if isinstance(answer, RoundClosedError):  # too late: the round closed meanwhile
-                update, current = None, answer.current_round
+                current = answer.current_round
             else:
-                update, current = answer, None
+                assert isinstance(answer, UpdateResult)
+                update = answer
             report = RoundReport(
                 round=info.round,
                 submitted=update is not None,
@@ -352,8 +363,10 @@ class FederatedWorker(_WorkerBase[OptimizerClient, TrainFn]):
         if isinstance(action, _Submit):
             try:
                 return self.client._run(action.call)
-            except RoundClosedError as exc:
-                return exc
+            except ConflictError as exc:  # late (round closed) or still in flight
+                if exc.round_closed or exc.in_flight:
+                    return exc
+                raise
         return self.client._run(action)
 
 
@@ -385,8 +398,10 @@ class AsyncFederatedWorker(_WorkerBase[AsyncOptimizerClient, AsyncTrainFn]):
         if isinstance(action, _Submit):
             try:
                 return await self.client._run(action.call)
-            except RoundClosedError as exc:
-                return exc
+            except ConflictError as exc:  # late (round closed) or still in flight
+                if exc.round_closed or exc.in_flight:
+                    return exc
+                raise
         return await self.client._run(action)
 
 

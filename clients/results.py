@@ -162,10 +162,11 @@ class MetricsResult:
 
 @dataclass(frozen=True)
 class HistoryEntry:
-    """One entry of a session's history (`kind` "step" or "metrics"): `step` / `version`
-    after it, `time` (Unix seconds), the rate, and what the entry has of loss,
+    """One entry of a session's history (`kind` "step", "metrics" or "round"): `step` /
+    `version` after it, `time` (Unix seconds), the rate, and what the entry has of loss,
     gradient norm (as received), update norm, skipped, staleness and contributors
-    (None where the server gave none)."""
+    (None where the server gave none); a federated round's entry also has its `round`,
+    `clients`, their `num_examples` in all and their `metrics` averaged."""
 
     kind: str
     step: int
@@ -178,6 +179,10 @@ class HistoryEntry:
     skipped: bool | None = None
     staleness: int | None = None
     contributors: int | None = None
+    round: int | None = None
+    clients: list[str] | None = None
+    num_examples: int | None = None
+    metrics: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)

@@ -471,7 +471,9 @@ class FakeFederation:
     The clock `now` moves only by `sleep` / `asleep` / `advance` (the clients' and the
     workers' sleeps); phantom reports due by `now` are taken (at their time) before each
     request is answered. `drop_answers`: the numbers (1-based) of update requests whose
-    answer is lost after the update was taken (`RemoteProtocolError`).
+    answer is lost after the update was taken (`RemoteProtocolError`); `in_flight`: how
+    many update requests, from the first, are answered 409 `idempotency-key-in-flight`
+    (a claim left by a server killed mid-update) without being looked at.
 
     Records: `requests` (`(method, path)`), `raw` (the requests), `waits` (the sleeps),
     `taken` / `refused` (the updates of the workers: taken, or refused with a 409),
@@ -490,6 +492,7 @@ class FakeFederation:
         round_timeout: float = 60.0,
         phantoms: Mapping[str, float] | None = None,
         drop_answers: Iterable[int] = (),
+        in_flight: int = 0,
         now: float = 1_000.0,
     ) -> None:
         import numpy as np
@@ -501,6 +504,7 @@ class FakeFederation:
         self.round_timeout = round_timeout
         self.phantoms = dict(phantoms or {})
         self.drop_answers = set(drop_answers)
+        self.in_flight = in_flight
         self.now = now
         self.round = 0
         self.opened_at = now
@@ -615,6 +619,9 @@ class FakeFederation:
         prefix = base + "/rounds/"
         if method == "POST" and path.startswith(prefix) and path.endswith("/updates"):
             number = int(path[len(prefix) : -len("/updates")])
+            if self.in_flight > 0:
+                self.in_flight -= 1
+                return _problem_json(409, "idempotency-key-in-flight")
             response = self._update(request, number)
             self.update_requests += 1
             if self.update_requests in self.drop_answers:

@@ -522,6 +522,19 @@ def test_a_lost_answer_is_replayed() -> None:
     assert server.round == 1
 
 
+def test_an_update_still_in_flight_is_sent_again_until_it_lands() -> None:
+    """A server killed mid-update leaves its claim until the lock ttl: the worker keeps
+    sending the same bytes (past the client's own retries) and the update lands once."""
+    server = FakeFederation(INITIAL, expected_clients=1, in_flight=25)
+    reports = make_worker(server, Trainer(server)).run(1)
+    posts = [r for r in server.raw if r.method == "POST"]
+    assert len(posts) == 26
+    assert len({p.content for p in posts}) == 1
+    assert len(server.taken) == 1
+    assert reports[0].submitted
+    assert server.round == 1
+
+
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_the_delta_is_new_minus_global_in_the_session_dtype(binary: bool) -> None:
     rng = np.random.default_rng(3)
