@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import logging.config
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -36,6 +37,7 @@ from service.api.codecs import FastJSONResponse
 from service.api.engine import Engine
 from service.api.errors import BodyLimit, install_handlers
 from service.config import Settings, get_settings
+from service.logs import RequestId, log_config
 from service.store.base import StateStore, StoreUnavailable
 
 log = logging.getLogger("optserve")
@@ -130,6 +132,7 @@ def create_app(settings: Settings | None = None, store: StateStore | None = None
     app.include_router(routes_health.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(metrics.RequestMetrics)
+    app.add_middleware(RequestId)  # outermost: every answer and log line has the id
     openapi.install(app)
     return app
 
@@ -137,9 +140,5 @@ def create_app(settings: Settings | None = None, store: StateStore | None = None
 def app_factory() -> FastAPI:
     """For uvicorn (`factory=True`): settings from the `OPTSERVE_*` environment."""
     settings = get_settings()
-    level = settings.log_level.upper()
-    logging.basicConfig(
-        level=logging.DEBUG if level == "TRACE" else level,
-        format="%(levelname)s:     %(name)s: %(message)s",
-    )
+    logging.config.dictConfig(log_config(settings.log_level, settings.log_format))
     return create_app(settings)

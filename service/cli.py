@@ -253,6 +253,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import redact_url
+    from service.logs import log_config
 
     # the first line a user sees says where the state lives
     store = (
@@ -273,6 +274,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=settings.port,
         workers=settings.workers,
         log_level=settings.log_level.lower(),
+        log_config=log_config(settings.log_level, settings.log_format),
         proxy_headers=False,
     )
     return 0

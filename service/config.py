@@ -7,7 +7,7 @@ dependency) or build `Settings(...)` directly and pass it to `create_app`.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     #: longest wait a request may ask for (a sync push's `wait`, a `min_version` timeout)
     max_wait: Annotated[float, Field(gt=0, le=600)] = 60.0
     log_level: str = "info"
+    #: "json": one JSON object per log line, with the request id (service/logs.py);
+    #: "text": plain lines
+    log_format: Literal["json", "text"] = "json"
 
 
 @lru_cache
