@@ -49,6 +49,11 @@ federated session; `get_round` and `submit_update` are its calls, and `Federated
 (`AsyncFederatedWorker`) runs one client's loop of rounds with a local `train`
 function (`clients.torch.torch_train` for a torch model).
 
+State files (docs/state.md): `export_state` answers a session's whole state as one
+safetensors file (bytes), `import_state` makes a new session of one (here or on another
+server), `replace_state` puts one back; `StateFile` reads and writes them with NumPy,
+and `clients.torch_state` converts them to and from a torch optimizer's `state_dict`.
+
 `clients.tensorfile` is the safetensors codec (NumPy only), shared with the server.
 The names below are imported on first use, so that `import clients.tensorfile` (which
 the server does) does not import httpx.
@@ -105,6 +110,7 @@ if TYPE_CHECKING:
         UpdateResult,
     )
     from clients.retries import RetryPolicy
+    from clients.state_file import StateFile
     from clients.sync import OptimizerClient
 
 _EXPORTS: dict[str, str] = {
@@ -112,6 +118,7 @@ _EXPORTS: dict[str, str] = {
     "AsyncOptimizerClient": "clients.async_client",
     "lr_find": "clients.lr_finder",
     "RetryPolicy": "clients.retries",
+    "StateFile": "clients.state_file",
     **dict.fromkeys(
         ["AsyncFederatedWorker", "FederatedWorker", "LocalResult", "RoundReport"],
         "clients.federated",
@@ -207,6 +214,7 @@ __all__ = [
     "ServiceUnavailableError",
     "Session",
     "StaleGradientError",
+    "StateFile",
     "StepResult",
     "Suggestion",
     "TimeoutError",

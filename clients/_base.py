@@ -29,6 +29,12 @@ client and round and answers the same body again with its first answer, so the c
 retried as a step is (the body bytes are built once and sent as they are on every
 retry; no Idempotency-Key is needed); a 409 `round-closed` (too late, or too early) is
 not retried.
+
+State files (docs/state.md). `GET .../state` answers a session's whole state as one
+safetensors file (returned as bytes, not decoded), `PUT .../state` replaces a session's
+state by one (retried like a read: the same file twice leaves the same state), and
+`POST /v1/sessions/import` makes a new session of one (not retried once it may have
+reached the server, as a create).
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ from clients.decoding import (
     parse_preview,
     parse_round,
     parse_session,
+    parse_state_file,
     parse_step,
     parse_update,
 )
@@ -459,6 +466,25 @@ class BaseClient:
         path = f"{_session_path(session_id)}/rounds/{number}/updates"
         return Call("POST", path, parse_update, {"Content-Type": ctype}, content)
 
+    def _export_state_call(self, session_id: str) -> Call[bytes]:
+        path = _session_path(session_id) + "/state"
+        return Call("GET", path, parse_state_file, {"Accept": BINARY})
+
+    def _import_state_call(self, data: bytes) -> Call[Session]:
+        return Call(
+            "POST",
+            "/v1/sessions/import",
+            parse_session,
+            {"Content-Type": BINARY},
+            _state_file(data),
+            resend_safe=False,  # a retry after delivery would make a second session
+        )
+
+    def _replace_state_call(self, session_id: str, data: bytes) -> Call[Session]:
+        # a PUT of the same file twice leaves the same state: safe to send again
+        path = _session_path(session_id) + "/state"
+        return Call("PUT", path, parse_session, {"Content-Type": BINARY}, _state_file(data))
+
     def _lr_finder_call(self, session_id: str) -> Call[LRFinderResult]:
         return Call("GET", _session_path(session_id) + "/lr-finder", parse_lr_finder)
 
@@ -524,6 +550,13 @@ def check_client_id(client_id: str) -> str:
     ):
         raise ValueError(f"client_id must be 1 to 128 printable characters: got {client_id!r}")
     return client_id
+
+
+def _state_file(data: bytes | bytearray | memoryview) -> bytes:
+    """A state file's bytes as they are sent (docs/state.md; the server validates it)."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"a state file is bytes (safetensors), not {type(data).__name__}")
+    return bytes(data)
 
 
 def _finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:

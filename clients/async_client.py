@@ -281,6 +281,26 @@ class AsyncOptimizerClient(BaseClient):
         )
         return await self._run(call)
 
+    async def export_state(self, session_id: str) -> bytes:
+        """The session's whole state as one safetensors file (docs/state.md): params,
+        optimizer state, averages, a pending accumulation, counters, schedule state and
+        configuration. `import_state` makes a new session of it (here or on another
+        server), `replace_state` puts it back; `clients.torch_state` converts it."""
+        return await self._run(self._export_state_call(session_id))
+
+    async def import_state(self, data: bytes) -> Session:
+        """A new session (new id) from a state file, with its configuration, params,
+        state, `step` and `version` (`ValidationError` naming the tensor or metadata key
+        at fault). Not retried once it may have reached the server (a retry could make a
+        second session)."""
+        return await self._run(self._import_state_call(data))
+
+    async def replace_state(self, session_id: str, data: bytes) -> Session:
+        """Replace the session's state by a state file of the same configuration (its
+        params, state, counters, schedule state), atomically; the session's `version`
+        goes up by one. Answers the session document."""
+        return await self._run(self._replace_state_call(session_id, data))
+
     async def lr_finder(self, session_id: str) -> LRFinderResult:
         """The LR range test of a session made with `lr_finder` (so far, or its end),
         with the suggested rates (`NoRangeTestError` for another session)."""

@@ -302,6 +302,17 @@ def parse_png(response: httpx.Response) -> bytes:
 
 
 @_parsing
+def parse_state_file(response: httpx.Response) -> bytes:
+    """A state file (docs/state.md): the safetensors bytes as they came (its header is
+    checked; the tensors are not decoded)."""
+    if not _is_binary(response):
+        kind = response.headers.get("content-type", "no Content-Type")
+        raise ValueError(f"not a state file ({kind}, {len(response.content)} bytes)")
+    tensorfile.decode(response.content)  # a ValueError (TensorFileError) if it is not one
+    return response.content
+
+
+@_parsing
 def parse_preview(response: httpx.Response) -> SchedulePreview:
     body = response.json()
     momenta = body.get("momenta")

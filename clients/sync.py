@@ -280,6 +280,26 @@ class OptimizerClient(BaseClient):
         )
         return self._run(call)
 
+    def export_state(self, session_id: str) -> bytes:
+        """The session's whole state as one safetensors file (docs/state.md): params,
+        optimizer state, averages, a pending accumulation, counters, schedule state and
+        configuration. `import_state` makes a new session of it (here or on another
+        server), `replace_state` puts it back; `clients.torch_state` converts it."""
+        return self._run(self._export_state_call(session_id))
+
+    def import_state(self, data: bytes) -> Session:
+        """A new session (new id) from a state file, with its configuration, params,
+        state, `step` and `version` (`ValidationError` naming the tensor or metadata key
+        at fault). Not retried once it may have reached the server (a retry could make a
+        second session)."""
+        return self._run(self._import_state_call(data))
+
+    def replace_state(self, session_id: str, data: bytes) -> Session:
+        """Replace the session's state by a state file of the same configuration (its
+        params, state, counters, schedule state), atomically; the session's `version`
+        goes up by one. Answers the session document."""
+        return self._run(self._replace_state_call(session_id, data))
+
     def lr_finder(self, session_id: str) -> LRFinderResult:
         """The LR range test of a session made with `lr_finder` (so far, or its end),
         with the suggested rates (`NoRangeTestError` for another session)."""

@@ -31,6 +31,7 @@ from service.api import (
     routes_health,
     routes_schedules,
     routes_sessions,
+    routes_state,
     routes_training,
 )
 from service.api.codecs import FastJSONResponse
@@ -125,6 +126,7 @@ def create_app(settings: Settings | None = None, store: StateStore | None = None
     )
     app.state.settings = settings
     install_handlers(app, settings)
+    app.include_router(routes_state.router)
     app.include_router(routes_sessions.router)
     app.include_router(routes_training.router)
     app.include_router(routes_federated.router)

@@ -42,6 +42,12 @@ the step is made for every tensor, zeros in an omitted one; torch makes it later
 from that tensor's first gradient, which is the same buffer unless `dampening` > 0.
 Without the flag a missing tensor is refused (422), as API.md says.
 
+**State files** (docs/state.md; `service.api.state_io` reads and writes them): an export
+is a read of one version; an import validates the whole file, then stores a new session
+(as create does); a replacement (PUT) validates it against the session's configuration,
+then commits it through `_transact` like a step (version-checked, `version` + 1). No
+Idempotency-Key: replacing by the same file twice leaves the same state.
+
 **Idempotency** (decision 4; REFERENCES.md). With an `Idempotency-Key`, the request's
 fingerprint is sha256 over method, path and body. A stored record with the same
 fingerprint is replayed byte for byte (status, headers, body, plus
@@ -68,7 +74,7 @@ import anyio.to_thread
 import numpy as np
 import orjson
 
-from service.api import codecs
+from service.api import codecs, state_io
 from service.api import metrics as m
 from service.api.cache import Cached, SessionCache
 from service.api.codecs import Reply
@@ -426,6 +432,83 @@ class Engine:
         if "Idempotent-Replayed" in pending.headers:  # a retry: say so, as a replay does
             reply.headers["Idempotent-Replayed"] = "true"
         return reply
+
+    # the state file (docs/state.md) ---------------------------------------------------
+
+    async def export_state(self, tenant: str, session_id: str) -> bytes:
+        """The session's state file, of one version."""
+        current = await self.load_current(tenant, session_id, with_state=True)
+        assert current.state is not None
+        return await self.offload(
+            current.params.size > OFFLOAD_ELEMENTS,
+            state_io.encode_session,
+            current.spec,
+            current.meta,
+            current.params,
+            current.state,
+        )
+
+    async def import_state(
+        self, tenant: str, body: bytes, content_type: str | None
+    ) -> dict[str, Any]:
+        """A new session from a state file (validated before anything is stored)."""
+        file = await self._read_state_file(body, content_type, None)
+        now = time.time()
+        meta = SessionMeta(
+            id=new_session_id(),
+            tenant=tenant,
+            version=0,
+            step=file.step,
+            spec=file.spec.stored(),
+            schedule_state=file.schedule_state,
+            skipped=file.skipped,
+            created_at=now,
+            updated_at=now,
+            extra=file.extra,
+            params_version=file.version,
+        )
+        blobs = await self.offload(file.params.size > OFFLOAD_ELEMENTS, file.blobs)
+        self._round_trip("create")
+        await self.store.create(meta, blobs, self.settings.session_ttl)
+        self.cache.put(meta.id, Cached(0, file.params, file.state))
+        self._remember_spec(meta.id, tenant, file.spec)
+        return self.document(meta, file.spec)
+
+    async def replace_state(
+        self, tenant: str, session_id: str, body: bytes, content_type: str | None
+    ) -> Reply:
+        """Replace the session's state by a state file of its configuration, in one
+        transaction (`version` + 1); answers the session document."""
+        spec = await self._spec(tenant, session_id)
+        file = await self._read_state_file(body, content_type, spec)
+
+        def compute(meta: SessionMeta, params: np.ndarray, state: OptState) -> Computed:
+            new_meta = state_io.replaced_meta(meta, file, time.time())
+            return Computed(
+                new_meta,
+                file.blobs(),
+                codecs.json_reply(self.document(new_meta, spec)),
+                Cached(new_meta.version, file.params, file.state),
+                "replaced",
+            )
+
+        call = StepCall(tenant, session_id, b"", content_type, False, method="PUT")
+        big = spec.layout.total > OFFLOAD_ELEMENTS
+        reply, _ = await self._transact(call, spec, compute, big, None)
+        return reply
+
+    async def _read_state_file(
+        self, body: bytes, content_type: str | None, session: Spec | None
+    ) -> state_io.SessionFile:
+        state_io.require_binary(content_type)
+        return await self.offload(
+            len(body) > OFFLOAD_BYTES,
+            state_io.decode_session,
+            body,
+            self.settings.max_params,
+            self.settings.max_history,
+            session,
+        )
 
     # federated rounds -----------------------------------------------------------------
 

@@ -100,6 +100,13 @@ TAGS = [
         "name": "federated",
         "description": "Federated rounds (docs/federated.md): the round, clients' updates.",
     },
+    {
+        "name": "state",
+        "description": (
+            "A session's full state as one safetensors file (docs/state.md): export, "
+            "import as a new session, replace."
+        ),
+    },
     {"name": "schedules", "description": "Learning-rate schedules, without a session."},
     {"name": "health", "description": "Liveness, readiness and Prometheus metrics."},
 ]
@@ -264,6 +271,24 @@ _RESPONSE_EXAMPLES: dict[str, dict[str, Any]] = {
             },
         ),
     },
+    "importSession": {
+        "imported": _ex(
+            "A new session from the state file of the API.md session after three steps",
+            {
+                **_SESSION,
+                "id": "Vt3xq8kP0aZcR2mL9sWe1uYbNf4HjD6g",
+                "step": 3,
+                "version": 3,
+                "lr": 3e-05,
+            },
+        )
+    },
+    "replaceState": {
+        "replaced": _ex(
+            "The API.md session after four steps, put back to its state file of step 3",
+            {**_SESSION, "step": 3, "version": 5, "lr": 3e-05, "updated_at": 1795266013.0},
+        )
+    },
     "healthz": {"ok": _ex("Alive", {"status": "ok"})},
     "readyz": {"ready": _ex("The store answers", {"status": "ready", "store": "redis"})},
 }
@@ -289,6 +314,9 @@ _RESPONSE_DESCRIPTIONS = {
     "reportMetrics": "Taken: the counters and the rate the next step will use",
     "getHistory": "The newest entries, most recent first",
     "getLRFinder": "The range test so far and its suggestions",
+    "importSession": "Created: the new session's document",
+    "exportState": "The state file (safetensors)",
+    "replaceState": "Replaced: the session document (`version` one up)",
     "healthz": "The process is alive",
     "readyz": "The state store answers",
 }
@@ -418,7 +446,53 @@ def _problem_examples() -> dict[tuple[str, int], dict[str, Any]]:
             )
         },
         ("*", 503): {"store-down": _ex(StoreDown.title, StoreDown(1).problem())},
+        **_state_problems(),
     }
+
+
+def _state_problems() -> dict[tuple[str, int], dict[str, Any]]:
+    """problem+json examples of the state-file operations (docs/state.md)."""
+    media = f"a state file is sent as {BINARY}, not application/json"
+    not_binary = UnsupportedMediaType(media, [field_error(["header", "Content-Type"], media)])
+    short = "buffer is shorter than the 8-byte header length"
+    bad_file = BadRequest(
+        f"the body is not a valid safetensors file: {short}", [field_error(["body"], short)]
+    )
+    wrong_format = invalid(
+        ["body", "__metadata__", "format"],
+        "must be 'optserve.session/1' (a session state file): got None",
+    )
+    missing = invalid(["body", "state/exp_avg_sq/w"], "missing tensor 'state/exp_avg_sq/w'")
+    layout = invalid(
+        ["body", "params/w"], "tensor 'w' has shape [3] in the file, [2, 2] in the session"
+    )
+    lr = invalid(
+        ["body", "__metadata__", "spec", "optimizer"],
+        'the file\'s optimizer ({"name":"adam","lr":0.01,...}) is not the session\'s '
+        '({"name":"adam","lr":0.001,...}): a PUT replaces the state, not the configuration '
+        "(import the file as a new session instead)",
+    )
+    conflict = VersionConflict(
+        "the session changed under this step 100 times in a row; nothing was applied, retry"
+    )
+    examples: dict[tuple[str, int], dict[str, Any]] = {}
+    for op in ("importSession", "replaceState"):
+        examples[op, 400] = {"malformed-body": _ex(bad_file.title, bad_file.problem())}
+        examples[op, 415] = {"unsupported": _ex(not_binary.title, not_binary.problem())}
+        examples[op, 422] = {
+            "wrong-format": _ex("Not a state file", wrong_format.problem()),
+            "missing-tensor": _ex("A state array missing", missing.problem()),
+        }
+    examples["replaceState", 422].update(
+        {
+            "layout": _ex("Another layout", layout.problem()),
+            "configuration": _ex("Another configuration", lr.problem()),
+        }
+    )
+    examples["replaceState", 409] = {
+        "version-conflict": _ex(VersionConflict.title, conflict.problem())
+    }
+    return examples
 
 
 _PROBLEM_HEADERS: dict[int, dict[str, Any]] = {
@@ -445,6 +519,13 @@ _LINKS: dict[tuple[str, str], dict[str, Any]] = {
         "GetSession": {"operationId": "getSession", "parameters": _LINK_PARAMS},
         "GetParams": {"operationId": "getParams", "parameters": _LINK_PARAMS},
         "StepSession": {"operationId": "stepSession", "parameters": _LINK_PARAMS},
+        "DeleteSession": {"operationId": "deleteSession", "parameters": _LINK_PARAMS},
+        "ExportState": {"operationId": "exportState", "parameters": _LINK_PARAMS},
+        "ReplaceState": {"operationId": "replaceState", "parameters": _LINK_PARAMS},
+    },
+    ("importSession", "201"): {
+        "GetSession": {"operationId": "getSession", "parameters": _LINK_PARAMS},
+        "ExportState": {"operationId": "exportState", "parameters": _LINK_PARAMS},
         "DeleteSession": {"operationId": "deleteSession", "parameters": _LINK_PARAMS},
     },
     ("stepSession", "200"): {
@@ -538,14 +619,18 @@ def _finish_operation(op: Doc, problems: dict[tuple[str, int], dict[str, Any]]) 
         _finish_request(op_id, body)
     for status, response in responses.items():
         _finish_response(op_id, status, response, problems)
-    if BINARY in responses.get("200", {}).get("content", {}):
+    if {JSON, BINARY} <= set(responses.get("200", {}).get("content", {})):
         op["description"] = op.get("description", "").rstrip() + _NEGOTIATION
 
 
 def _finish_request(op_id: str, body: Doc) -> None:
     content: dict[str, Doc] = body["content"]
-    kinds = ["JSON"] + (["safetensors (`application/octet-stream`)"] if BINARY in content else [])
-    body["description"] = " or ".join(kinds) + ", by `Content-Type`."
+    kinds = (["JSON"] if JSON in content else []) + (
+        ["safetensors (`application/octet-stream`)"] if BINARY in content else []
+    )
+    body["description"] = " or ".join(kinds) + (
+        ", by `Content-Type`." if len(kinds) > 1 else " only."
+    )
     if JSON in content and op_id in _REQUEST_EXAMPLES:
         content[JSON]["examples"] = copy.deepcopy(_REQUEST_EXAMPLES[op_id])
     if BINARY in content:
@@ -592,14 +677,16 @@ def _finish_response(
         response["links"] = copy.deepcopy(links)
 
 
+_LOCATION = {
+    "Location": {
+        "description": "the new session: `/v1/sessions/{id}`",
+        "required": True,
+        "schema": {"type": "string", "examples": [f"/v1/sessions/{_SESSION_ID}"]},
+    }
+}
 _SUCCESS_HEADERS: dict[tuple[str, str], dict[str, Any]] = {
-    ("createSession", "201"): {
-        "Location": {
-            "description": "the new session: `/v1/sessions/{id}`",
-            "required": True,
-            "schema": {"type": "string", "examples": [f"/v1/sessions/{_SESSION_ID}"]},
-        }
-    },
+    ("createSession", "201"): _LOCATION,
+    ("importSession", "201"): _LOCATION,
     ("stepSession", "200"): {
         "Idempotent-Replayed": {
             "description": (

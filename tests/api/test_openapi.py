@@ -63,6 +63,12 @@ API_MD: dict[tuple[str, str], set[str]] = {
     ("/v1/sessions/{session_id}/rounds/{round}/updates", "post"): {
         *("200", "400", "401", "404", "409", "413", "415", "422", "503"),
     },
+    # docs/state.md
+    ("/v1/sessions/import", "post"): {"201", "400", "401", "413", "415", "422", "503"},
+    ("/v1/sessions/{session_id}/state", "get"): {"200", "401", "404", "503"},
+    ("/v1/sessions/{session_id}/state", "put"): {
+        *("200", "400", "401", "404", "409", "413", "415", "422", "503"),
+    },
     ("/healthz", "get"): {"200"},
     ("/readyz", "get"): {"200", "503"},
     ("/metrics", "get"): {"200"},
