@@ -33,6 +33,7 @@ from service.api import (
     routes_sessions,
     routes_state,
     routes_training,
+    routes_ui,
 )
 from service.api.codecs import FastJSONResponse
 from service.api.engine import Engine
@@ -132,6 +133,7 @@ def create_app(settings: Settings | None = None, store: StateStore | None = None
     app.include_router(routes_federated.router)
     app.include_router(routes_schedules.router)
     app.include_router(routes_health.router)
+    app.include_router(routes_ui.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(metrics.RequestMetrics)
     app.add_middleware(RequestId)  # outermost: every answer and log line has the id
