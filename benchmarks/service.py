@@ -384,6 +384,7 @@ class BigResult:
 def measure_big(args: argparse.Namespace, api: Server, echo: Server, sids: list[str]) -> BigResult:
     from service.core.optim import get_optimizer, kernels, parse_hyper
     from service.store.redis_store import RedisStore, exchange
+    from service.store.redis_wire import connect
 
     kernels.warm_up()
     rng = np.random.default_rng(0)
@@ -418,7 +419,8 @@ def measure_big(args: argparse.Namespace, api: Server, echo: Server, sids: list[
 
     async def redis_open() -> None:
         await store.open()
-        conn_box.append(await store._get_connection())  # the pool RedisStore uses
+        (pool,) = store.pools()  # the pool RedisStore uses (one node)
+        conn_box.append(await connect(pool))
 
     async def redis_set() -> None:
         replies = await exchange(conn_box[0], sets, 60.0)

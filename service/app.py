@@ -75,6 +75,13 @@ def describe_store(settings: Settings, store: StateStore) -> str:
 
 def redact_url(url: str) -> str:
     """`url` with any password replaced by `***`."""
+    if "," in url.split("?", 1)[0]:  # redis+cluster://h1:p1,h2:p2: not one netloc
+        scheme, sep, rest = url.partition("://")
+        end = min([i for i in (rest.find("/"), rest.find("?")) if i >= 0] or [len(rest)])
+        userinfo, at, hosts = rest[:end].rpartition("@")
+        if not sep or not at or ":" not in userinfo:
+            return url
+        return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{hosts}{rest[end:]}"
     parts = urlsplit(url)
     if parts.password is None:
         return url

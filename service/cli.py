@@ -301,7 +301,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument(
         "--workers", type=_positive_int, default=None, help="worker processes (needs Redis if > 1)"
     )
-    serve.add_argument("--redis-url", default=None, help="redis://host:port/db (default: none)")
+    serve.add_argument(
+        "--redis-url",
+        default=None,
+        help=(
+            "redis://host:port/db, or redis+cluster://host:port[,host:port...] for a Redis "
+            "Cluster (default: none, the in-process store)"
+        ),
+    )
     serve.add_argument(
         "--allow-unauthenticated",
         action="store_true",

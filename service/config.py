@@ -23,7 +23,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
     workers: Annotated[int, Field(ge=1)] = 1
-    #: Redis URL (redis://host:port/db); None: the in-process store (embedded default)
+    #: Redis URL (redis://host:port/db, or redis+cluster://host:port[,host:port...] for a
+    #: Redis Cluster); None: the in-process store (embedded default)
     redis_url: str | None = None
     #: API key -> tenant (env: a JSON object); empty: no authentication
     api_keys: dict[str, str] = Field(default_factory=dict)

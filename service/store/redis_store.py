@@ -71,6 +71,24 @@ in the past: PTTL of their meta tells whether they still exist (ZREM if not) and
 when (the new score). An active session is checked about once per ttl, so a call costs
 O(log n) plus the few sessions that expired or were refreshed since; never a SCAN.
 
+Redis Cluster: a `redis+cluster://[user:password@]host:port[,host:port...]` url (any
+masters or replicas of the cluster as seeds; database 0 only) selects cluster mode.
+The store reads the slot map (`CLUSTER SLOTS`) on first use and keeps a connection pool
+per master; each operation goes, on the store's own raw connections and with the very
+same WATCH/MULTI/EXEC, to the master of its session's slot (every key of a session has
+the session's hash tag, so a commit is single-node). `<prefix>:sessions` is in another
+slot: `create` and `delete` update it with a command of its own on its own node (never
+inside a session's MULTI, which would be CROSSSLOT; an index entry without a session is
+dropped by the next count, as after any crash), and `count_sessions` sends the PTTLs of
+the ids it checks to their nodes, one round trip per node. A MOVED or ASK reply, TRYAGAIN,
+CLUSTERDOWN, MASTERDOWN or READONLY (a failed-over master), or a connection error, marks
+the slot map stale and raises `StoreUnavailable` (the API answers 503 with Retry-After,
+a client retries with its Idempotency-Key); the next operation reads the map again and
+goes to the new owner. No redirection is followed within an operation: during a live
+resharding, the sessions of a slot being migrated are unavailable until it is done.
+`ping` PINGs every master. The single-node path (`redis://`) is unchanged: one pool,
+one attribute test per operation.
+
 Errors: `redis.exceptions.ConnectionError`/`TimeoutError`, `OSError` and asyncio timeouts
 become `StoreUnavailable`; the failed connection is dropped and the pool opens a fresh
 one on the next call, so the store recovers by itself when Redis comes back. Socket
@@ -86,17 +104,15 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
-import hiredis
 import redis.asyncio as aioredis
 from redis._parsers import _AsyncHiredisParser, _AsyncRESP3Parser
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import (
+    ResponseError,
+)
 from redis.maint_notifications import MaintNotificationsConfig
 
-from service.store import resp
 from service.store.base import (
     IdempotencyRecord,
     SessionBlobs,
@@ -105,7 +121,21 @@ from service.store.base import (
     StoreUnavailable,
     check_commit,
 )
+from service.store.cluster import (
+    CLUSTER_TROUBLE,
+    ClusterMap,
+    is_cluster_url,
+    parse_cluster_url,
+)
 from service.store.keys import DEFAULT_PREFIX, Keys
+from service.store.redis_wire import (
+    UNAVAILABLE,
+    Command,
+    HiredisPackerConnection,
+    check,
+    connect,
+    exchange,
+)
 
 if TYPE_CHECKING:
     from service.store.base import StateStore
@@ -116,75 +146,12 @@ DEFAULT_IDEMPOTENCY_TTL = 24 * 3600
 #: how often `load`/`read` read again when a commit keeps slipping in between
 MAX_READ_ATTEMPTS = 100
 
-Command = tuple[Any, ...]
 Parser = Literal["hiredis", "python"]
 Packer = Literal["python", "hiredis"]
-
-_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
-
-
-class HiredisPackerConnection(aioredis.Connection):
-    """An asyncio connection that packs commands with `hiredis.pack_command` (the sync
-    client's default packer; it copies every command into one new bytes object)."""
-
-    def pack_command(self, *args: Any) -> list[bytes]:
-        if isinstance(args[0], str):
-            args = tuple(args[0].encode().split()) + args[1:]
-        encoded = tuple(self.encoder.encode(a) for a in args)  # type: ignore[no-untyped-call]
-        return [hiredis.pack_command(encoded)]
 
 
 class DamagedSession(RuntimeError):
     """A session's meta names a chunk that is missing or of the wrong size (evicted?)."""
-
-
-async def exchange(
-    conn: aioredis.Connection, commands: Sequence[Command], timeout: float | None = None
-) -> list[Any]:
-    """Send `commands` in one write and read every reply, in order.
-
-    Error replies are returned as `ResponseError` objects, not raised. Anything else that
-    goes wrong (connection lost, timeout, cancellation) drops the connection, so it never
-    returns to the pool with replies unread. `timeout`: seconds allowed for the whole
-    exchange, the write and every reply (default: the connection's socket timeout);
-    exceeding it raises `TimeoutError`.
-
-    One deadline for the whole exchange instead of redis-py's own timers, so the
-    connection's socket timeout is off while it runs: with one set, redis-py wraps every
-    write in `asyncio.wait_for` (a new Task per write) and every reply in its own timeout
-    context. Measured on a step's two exchanges (WATCH + HGETALL, then the MULTI/EXEC
-    commit of a 1K-parameter session): 162 -> 143 CPU-us, about 2 % of the server's CPU
-    per small step (benchmarks/service.py).
-    """
-    saved = conn.socket_timeout
-    budget = saved if timeout is None else timeout
-    conn.socket_timeout = None
-    try:
-        async with asyncio.timeout(budget):
-            if isinstance(conn, HiredisPackerConnection):
-                packed: Any = conn.pack_commands(commands)
-            else:
-                packed = resp.pack_commands(commands)
-            await conn.send_packed_command(packed)
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as exc:
-                    replies.append(exc)
-            return replies
-    except BaseException:
-        await conn.disconnect(nowait=True)
-        raise
-    finally:
-        conn.socket_timeout = saved
-
-
-def _check(replies: list[Any]) -> list[Any]:
-    for reply in replies:
-        if isinstance(reply, ResponseError):
-            raise reply
-    return replies
 
 
 def _int(value: Any, default: int = 0) -> int:
@@ -235,6 +202,7 @@ class _RedisTx:
         self._sid = session_id
         self._ttl = ttl
         self._conn: aioredis.Connection | None = None
+        self._pool: aioredis.ConnectionPool | None = None
         self._watching = False
         self._loaded = False
         self._stored: _Stored | None = None
@@ -246,13 +214,16 @@ class _RedisTx:
         if self._done:
             raise RuntimeError("this transaction is over; open a new one")
         store = self._store
+        meta_key = store._keys.meta(self._sid)
         with store._unavailable():
             if self._conn is None:
-                self._conn = await store._get_connection()
+                cluster = store._cluster
+                pool = store._pool if cluster is None else await cluster.pool_for(meta_key)
+                self._conn = await connect(pool)
+                self._pool = pool
             conn = self._conn
-            meta_key = store._keys.meta(self._sid)
             for _ in range(MAX_READ_ATTEMPTS):
-                replies = _check(await exchange(conn, [("WATCH", meta_key), ("HGETALL", meta_key)]))
+                replies = check(await exchange(conn, [("WATCH", meta_key), ("HGETALL", meta_key)]))
                 self._watching = True
                 self._loaded = True
                 raw = replies[1]
@@ -275,7 +246,7 @@ class _RedisTx:
         record_key = self._store._keys.idem(self._sid, key)
         with self._store._unavailable():
             # watched with meta: a record committed after this read fails our EXEC
-            replies = _check(
+            replies = check(
                 await exchange(self._conn, [("WATCH", record_key), ("GET", record_key)])
             )
         data = replies[1]
@@ -319,22 +290,23 @@ class _RedisTx:
             replies = await exchange(
                 conn, [("MULTI",), *commands, ("EXEC",)], store._timeout(nbytes)
             )
-        self._watching = False
-        _check(replies[:-1])
-        result = replies[-1]
-        if result is None:
-            return False
-        if isinstance(result, ResponseError):
-            raise result
-        _check(result)
+            self._watching = False
+            check(replies[:-1])
+            result = replies[-1]
+            if result is None:
+                return False
+            if isinstance(result, ResponseError):
+                raise result
+            check(result)
         return True
 
     async def _finish(self, failed: bool) -> None:
         """Give the connection back: refresh the expiry of a session loaded but not
         committed, unwatch; on an exception (or any trouble here) drop the connection."""
         conn, self._conn = self._conn, None
+        pool, self._pool = self._pool, None
         self._done = True
-        if conn is None:
+        if conn is None or pool is None:
             return
         store = self._store
         try:
@@ -352,13 +324,15 @@ class _RedisTx:
         except Exception:
             await conn.disconnect(nowait=True)
         finally:
-            await store._pool.release(conn)
+            await pool.release(conn)
 
 
 class RedisStore:
     """Sessions in Redis (see the module docstring).
 
-    `url`: redis://[user:password@]host:port/db (or rediss://, unix://). `chunk_bytes`:
+    `url`: redis://[user:password@]host:port/db (or rediss://, unix://), or
+    redis+cluster://[user:password@]host:port[,host:port...] for a Redis Cluster (the
+    seed nodes; TLS is not supported there). `chunk_bytes`:
     largest value written (blobs are cut into chunks of it). `key_prefix`: start of every
     key (tests use a private one). `socket_timeout`: seconds allowed for a small
     operation; large ones get `nbytes / min_throughput` more. `health_check_interval`:
@@ -413,7 +387,15 @@ class RedisStore:
         }
         if max_connections is not None:
             kwargs["max_connections"] = max_connections
-        self._pool: aioredis.ConnectionPool = aioredis.ConnectionPool.from_url(url, **kwargs)
+        #: cluster mode: the slot -> node map and a pool per node (None: one Redis)
+        self._cluster: ClusterMap | None = None
+        if is_cluster_url(url):
+            seeds, auth = parse_cluster_url(url)
+            self._cluster = ClusterMap(seeds, {**kwargs, **auth})
+            # the first seed's pool: what `ping` uses before the map is known
+            self._pool = self._cluster.node_pool(*seeds[0])
+        else:
+            self._pool = aioredis.ConnectionPool.from_url(url, **kwargs)
 
     @property
     def keys(self) -> Keys:
@@ -425,19 +407,37 @@ class RedisStore:
         await self.ping()
 
     async def close(self) -> None:
-        await self._pool.aclose()
+        if self._cluster is None:
+            await self._pool.aclose()
+        else:
+            await self._cluster.aclose()
 
     async def ping(self) -> None:
-        await self._run([("PING",)])
+        cluster = self._cluster
+        if cluster is None:
+            await self._run([("PING",)])
+            return
+        with self._unavailable():  # every master, each on its own connection
+            pools = await cluster.masters()
+            await asyncio.gather(*(self._run_in(p, [("PING",)]) for p in pools))
+
+    @property
+    def cluster(self) -> bool:
+        """Whether this store talks to a Redis Cluster (a `redis+cluster://` url)."""
+        return self._cluster is not None
+
+    def pools(self) -> list[aioredis.ConnectionPool]:
+        """Every connection pool of the store (one per node on a cluster; for tests)."""
+        return [self._pool] if self._cluster is None else self._cluster.all_pools()
 
     # -- sessions --------------------------------------------------------------------
 
     async def create(self, meta: SessionMeta, blobs: SessionBlobs, ttl: int | None) -> None:
         sid = meta.id
         keys = self._keys
+        # "check me at the next count": robust whatever happens to the MULTI
+        index: Command = ("ZADD", keys.sessions(), time.time(), sid)
         commands: list[Command] = [
-            # "check me at the next count": robust whatever happens to the MULTI
-            ("ZADD", keys.sessions(), time.time(), sid),
             ("MULTI",),
             # a new session starts with no history, whatever an old one of this id left
             ("DEL", keys.meta(sid), keys.history(sid)),
@@ -445,33 +445,42 @@ class RedisStore:
         body, nbytes = self._write_commands(sid, meta, blobs, None, ttl, ttl)
         commands += body
         commands.append(("EXEC",))
-        replies = await self._run(commands, self._timeout(nbytes))
+        if self._cluster is None:
+            replies = await self._run([index, *commands], self._timeout(nbytes))
+        else:  # the index lives in another slot: its own command, first
+            await self._run_on(keys.sessions(), [index])
+            replies = await self._run_on(keys.meta(sid), commands, self._timeout(nbytes))
         if not isinstance(replies[-1], list):
             raise RuntimeError(f"create of session {sid} failed: {replies[-1]!r}")
-        _check(replies[-1])
+        check(replies[-1])
 
     async def get_meta(self, session_id: str, ttl: int | None = None) -> SessionMeta | None:
+        meta_key = self._keys.meta(session_id)
         with self._unavailable():
-            conn = await self._get_connection()
+            cluster = self._cluster
+            pool = self._pool if cluster is None else await cluster.pool_for(meta_key)
+            conn = await connect(pool)
             try:
-                (raw,) = _check(await exchange(conn, [("HGETALL", self._keys.meta(session_id))]))
+                (raw,) = check(await exchange(conn, [("HGETALL", meta_key)]))
                 if not raw:
                     return None
                 stored = _Stored(raw)
                 if ttl is not None:
                     touch = self._touch_commands(session_id, stored, ttl)
-                    _check(await exchange(conn, [("MULTI",), *touch, ("EXEC",)]))
+                    check(await exchange(conn, [("MULTI",), *touch, ("EXEC",)]))
                 return stored.meta()
             finally:
-                await self._pool.release(conn)
+                await pool.release(conn)
 
     async def read(self, session_id: str) -> tuple[SessionMeta, SessionBlobs] | None:
         meta_key = self._keys.meta(session_id)
         with self._unavailable():
-            conn = await self._get_connection()
+            cluster = self._cluster
+            pool = self._pool if cluster is None else await cluster.pool_for(meta_key)
+            conn = await connect(pool)
             try:
                 for _ in range(MAX_READ_ATTEMPTS):
-                    (raw,) = _check(await exchange(conn, [("HGETALL", meta_key)]))
+                    (raw,) = check(await exchange(conn, [("HGETALL", meta_key)]))
                     if not raw:
                         return None
                     stored = _Stored(raw)
@@ -479,7 +488,7 @@ class RedisStore:
                     if blobs is not None:
                         return stored.meta(), blobs
             finally:
-                await self._pool.release(conn)
+                await pool.release(conn)
         raise StoreUnavailable(f"session {session_id} kept changing while being read")
 
     @asynccontextmanager
@@ -507,10 +516,13 @@ class RedisStore:
         meta_key = keys.meta(session_id)
         index_key = keys.idem_index(session_id)
         with self._unavailable():
-            conn = await self._get_connection()
+            cluster = self._cluster
+            pool = self._pool if cluster is None else await cluster.pool_for(meta_key)
+            conn = await connect(pool)
+            deleted: bool | None = None
             try:
                 for _ in range(MAX_READ_ATTEMPTS):
-                    replies = _check(
+                    replies = check(
                         await exchange(
                             conn,
                             [
@@ -527,28 +539,41 @@ class RedisStore:
                     doomed += [keys.idem(session_id, k.decode()) for k in idem_keys]
                     replies = await exchange(conn, [("MULTI",), ("DEL", *doomed), ("EXEC",)])
                     if replies[2] is not None:
-                        _check(replies)
-                        _check(await exchange(conn, [("ZREM", keys.sessions(), session_id)]))
-                        return bool(raw)
+                        check(replies)
+                        deleted = bool(raw)
+                        if cluster is None:
+                            check(await exchange(conn, [("ZREM", keys.sessions(), session_id)]))
+                            return deleted
+                        break
             finally:
-                await self._pool.release(conn)
+                await pool.release(conn)
+        if deleted is not None:  # cluster: the index is in another slot, on its node
+            await self._run_on(keys.sessions(), [("ZREM", keys.sessions(), session_id)])
+            return deleted
         raise StoreUnavailable(f"session {session_id} kept changing while being deleted")
 
     async def history(self, session_id: str, limit: int) -> list[bytes]:
         if limit <= 0:  # LRANGE 0 -1 would be the whole list
             return []
-        (entries,) = await self._run([("LRANGE", self._keys.history(session_id), 0, limit - 1)])
+        key = self._keys.history(session_id)
+        (entries,) = await self._run_on(key, [("LRANGE", key, 0, limit - 1)])
         return list(entries)
 
     async def count_sessions(self) -> int:
         index = self._keys.sessions()
         now = time.time()
         for _ in range(100):
-            (due,) = await self._run([("ZRANGE", index, "-inf", now, "BYSCORE", "LIMIT", 0, 1000)])
+            (due,) = await self._run_on(
+                index, [("ZRANGE", index, "-inf", now, "BYSCORE", "LIMIT", 0, 1000)]
+            )
             if not due:
                 break
             sids = [d.decode() for d in due]
-            ttls = await self._run([("PTTL", self._keys.meta(sid)) for sid in sids])
+            metas = [self._keys.meta(sid) for sid in sids]
+            if self._cluster is None:
+                ttls = await self._run([("PTTL", k) for k in metas])
+            else:
+                ttls = await self._run_each(metas, [("PTTL", k) for k in metas])
             fixes: list[Command] = []
             for sid, pttl in zip(sids, ttls, strict=True):
                 if pttl == -2:
@@ -556,43 +581,84 @@ class RedisStore:
                 else:
                     score: Any = "+inf" if pttl == -1 else now + pttl / 1000.0
                     fixes.append(("ZADD", index, "XX", score, sid))
-            await self._run(fixes)
-        (count,) = await self._run([("ZCARD", index)])
+            await self._run_on(index, fixes)
+        (count,) = await self._run_on(index, [("ZCARD", index)])
         return int(count)
 
     # -- idempotency -----------------------------------------------------------------
 
     async def get_idempotency(self, session_id: str, key: str) -> IdempotencyRecord | None:
-        (data,) = await self._run([("GET", self._keys.idem(session_id, key))])
+        record_key = self._keys.idem(session_id, key)
+        (data,) = await self._run_on(record_key, [("GET", record_key)])
         return None if data is None else IdempotencyRecord.from_bytes(data)
 
     async def claim_idempotency(self, session_id: str, key: str, ttl: int) -> bool:
-        (ok,) = await self._run(
-            [("SET", self._keys.idem_lock(session_id, key), b"1", "NX", "EX", ttl)]
-        )
+        lock = self._keys.idem_lock(session_id, key)
+        (ok,) = await self._run_on(lock, [("SET", lock, b"1", "NX", "EX", ttl)])
         return ok is not None
 
     async def release_idempotency(self, session_id: str, key: str) -> None:
-        await self._run([("DEL", self._keys.idem_lock(session_id, key))])
+        lock = self._keys.idem_lock(session_id, key)
+        await self._run_on(lock, [("DEL", lock)])
 
     # -- internals -------------------------------------------------------------------
 
     def _unavailable(self) -> _Unavailable:
-        return _Unavailable(self._url)
-
-    async def _get_connection(self) -> aioredis.Connection:
-        conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
-        assert isinstance(conn, aioredis.Connection)
-        return conn
+        return _Unavailable(self._url, self._cluster)
 
     async def _run(self, commands: Sequence[Command], timeout: float | None = None) -> list[Any]:
         """`commands` on a pooled connection, one round trip; error replies raise."""
         with self._unavailable():
-            conn = await self._get_connection()
+            pool = self._pool
+            conn = await connect(pool)
             try:
-                return _check(await exchange(conn, commands, timeout))
+                return check(await exchange(conn, commands, timeout))
             finally:
-                await self._pool.release(conn)
+                await pool.release(conn)
+
+    async def _run_on(
+        self, key: str, commands: Sequence[Command], timeout: float | None = None
+    ) -> list[Any]:
+        """`_run` on the node that serves `key` (every command must be of its slot)."""
+        with self._unavailable():
+            cluster = self._cluster
+            pool = self._pool if cluster is None else await cluster.pool_for(key)
+            conn = await connect(pool)
+            try:
+                return check(await exchange(conn, commands, timeout))
+            finally:
+                await pool.release(conn)
+
+    async def _run_each(self, keys: Sequence[str], commands: Sequence[Command]) -> list[Any]:
+        """Cluster: `commands[i]` (of the slot of `keys[i]`) on its node, one round trip
+        per node, all nodes at once; the replies in the order of `commands`."""
+        cluster = self._cluster
+        assert cluster is not None
+        with self._unavailable():
+            groups: dict[int, tuple[aioredis.ConnectionPool, list[int]]] = {}
+            for i, key in enumerate(keys):
+                pool = await cluster.pool_for(key)
+                groups.setdefault(id(pool), (pool, []))[1].append(i)
+            answers = await asyncio.gather(
+                *(self._run_in(pool, [commands[i] for i in idx]) for pool, idx in groups.values())
+            )
+        replies: list[Any] = [None] * len(commands)
+        for (_, idx), got in zip(groups.values(), answers, strict=True):
+            for i, reply in zip(idx, got, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _run_in(
+        self,
+        pool: aioredis.ConnectionPool,
+        commands: Sequence[Command],
+        timeout: float | None = None,
+    ) -> list[Any]:
+        conn = await connect(pool)
+        try:
+            return check(await exchange(conn, commands, timeout))
+        finally:
+            await pool.release(conn)
 
     def _timeout(self, nbytes: int) -> float:
         return self._socket_timeout + nbytes / self._min_throughput
@@ -604,7 +670,7 @@ class RedisStore:
         keys = self._keys
         gets: list[Command] = [("GET", keys.params(session_id, i)) for i in range(stored.pn)]
         gets += [("GET", keys.state(session_id, i)) for i in range(stored.sn)]
-        replies = _check(
+        replies = check(
             await exchange(
                 conn,
                 [*gets, ("HGETALL", keys.meta(session_id))],
@@ -712,12 +778,15 @@ class RedisStore:
 
 
 class _Unavailable:
-    """Context manager: connection trouble becomes `StoreUnavailable`."""
+    """Context manager: connection trouble becomes `StoreUnavailable`; on a cluster,
+    so do redirections and cluster errors (`CLUSTER_TROUBLE`), and both mark the slot
+    map stale (it is read again before the next command)."""
 
-    __slots__ = ("_url",)
+    __slots__ = ("_cluster", "_url")
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, cluster: ClusterMap | None) -> None:
         self._url = url
+        self._cluster = cluster
 
     def __enter__(self) -> None:
         return None
@@ -725,8 +794,16 @@ class _Unavailable:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
     ) -> None:
-        if exc is not None and isinstance(exc, _UNAVAILABLE):
+        if exc is None:
+            return
+        cluster = self._cluster
+        if isinstance(exc, UNAVAILABLE):
+            if cluster is not None:
+                cluster.stale = True
             raise StoreUnavailable(f"Redis unreachable: {exc}") from exc
+        if cluster is not None and isinstance(exc, CLUSTER_TROUBLE):
+            cluster.stale = True
+            raise StoreUnavailable(f"Redis Cluster: {type(exc).__name__}: {exc}") from exc
 
 
 if TYPE_CHECKING:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from service.store.base import SessionBlobs, StoreUnavailable
 from service.store.redis_store import DamagedSession, RedisStore
 from tests.store.conftest import CHUNK, REDIS_URL
 from tests.store.test_contract import commit_next, make_blobs, make_meta, record
+from tests.support.redis_cluster import PrivateCluster
 from tests.support.redis_server import PrivateRedis
 
 pytestmark = pytest.mark.asyncio
@@ -367,3 +369,49 @@ async def test_a_record_written_after_recorded_fails_the_commit(
     stored = await redis_store.get_meta(sid)
     assert stored is not None
     assert stored.version == 0
+
+
+async def test_cluster_moved_marks_the_slot_map_stale_and_recovers(
+    private_cluster: PrivateCluster, prefix: str
+) -> None:
+    """A command sent to a node that does not serve its slot (an outdated slot map, as
+    after a resharding or a failover) answers MOVED: the store raises StoreUnavailable
+    once, reads the slot map again, and the next operation goes to the right node."""
+    store = RedisStore(private_cluster.url, chunk_bytes=CHUNK, key_prefix=prefix)
+    await store.open()
+    try:
+        sid = "moved"
+        blobs = make_blobs(1000, 2000)
+        await store.create(make_meta(sid), blobs, ttl=60)
+        cluster = store._cluster
+        assert cluster is not None
+        assert not cluster.stale
+        slot = key_slot(store.keys.meta(sid).encode())
+        right = cluster._slots[slot]
+        wrong = next(p for p in cluster.all_pools() if p is not right)
+
+        async def in_a_transaction() -> None:
+            async with store.transaction(sid) as tx:
+                await tx.load()
+
+        operations: list[Callable[[], Awaitable[object]]] = [
+            lambda: store.get_meta(sid),
+            in_a_transaction,
+            lambda: store.delete(sid),
+        ]
+        for operation in operations:
+            cluster._slots[slot] = wrong  # an outdated map
+            with pytest.raises(StoreUnavailable, match="MovedError"):
+                await operation()
+            assert cluster.stale
+            assert (await store.get_meta(sid)) is not None  # map read again: served
+            assert cluster._slots[slot] is right
+        await commit_next(store, sid, blobs)
+        assert await store.count_sessions() == 1
+        assert await store.delete(sid)
+        assert await store.count_sessions() == 0
+        for pool in store.pools():
+            assert not pool._in_use_connections
+    finally:
+        await store.close()
+        private_cluster.delete_prefix(prefix)

@@ -105,9 +105,12 @@ def start_server(
     workers: int = 1,
     redis: PrivateRedis | None = None,
     env: Mapping[str, str] | None = None,
+    redis_url: str | None = None,
 ) -> LiveServer:
-    """`optserve serve` on a free port of 127.0.0.1 (Redis' if given, else in-process),
-    ready: /readyz is 200 and each of its `workers` has completed its startup."""
+    """`optserve serve` on a free port of 127.0.0.1 (Redis' if given, or `redis_url`, e.g.
+    a `redis+cluster://` one; else in-process), ready: /readyz is 200 and each of its
+    `workers` has completed its startup."""
+    assert redis is None or redis_url is None, "redis or redis_url, not both"
     log_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("OPTSERVE_")}
@@ -127,6 +130,8 @@ def start_server(
     argv += ["--workers", str(workers)]
     if redis is not None:
         argv += ["--redis-url", redis.url]
+    elif redis_url is not None:
+        argv += ["--redis-url", redis_url]
     log_path = log_dir / f"{name}.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(argv, env=full_env, stdout=log, stderr=subprocess.STDOUT)
