@@ -255,6 +255,29 @@ class Engine:
         if not deleted:
             raise SessionNotFound()
 
+    async def list_sessions(self, tenant: str, limit: int) -> dict[str, Any]:
+        """`GET /v1/sessions`: a summary of the tenant's `limit` most recently updated
+        sessions, newest first; `truncated` when the tenant has more."""
+        self._round_trip("list_sessions")
+        metas = await self.store.list_sessions(tenant, limit + 1)
+        return {
+            "sessions": [self.summary(meta, Spec.load(meta.spec)) for meta in metas[:limit]],
+            "truncated": len(metas) > limit,
+        }
+
+    def summary(self, meta: SessionMeta, spec: Spec) -> dict[str, Any]:
+        """One session of the listing: the few fields of its document a table shows."""
+        return {
+            "id": meta.id,
+            "optimizer": spec.hp.name,
+            "step": meta.step,
+            "version": meta.params_version,
+            "lr": current_lr(spec, meta),
+            "updated_at": meta.updated_at,
+            "federated": spec.federated is not None,
+            "lr_finder": spec.lr_finder is not None,
+        }
+
     def document(self, meta: SessionMeta, spec: Spec) -> dict[str, Any]:
         """The session document of API.md (`GET /v1/sessions/{id}`), with extensions."""
         stored = spec.stored()

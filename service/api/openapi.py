@@ -210,6 +210,37 @@ _RESPONSE_EXAMPLES: dict[str, dict[str, Any]] = {
             {**_SESSION, "step": 4, "version": 4, "lr": 4e-05, "updated_at": 1795266012.2477844},
         )
     },
+    "listSessions": {
+        "two": _ex(
+            "Two sessions: the API.md one after four steps, and a newer one",
+            {
+                "sessions": [
+                    {
+                        "id": "Vt3xq8kP0aZcR2mL9sWe1uYbNf4HjD6g",
+                        "optimizer": "sgd",
+                        "step": 0,
+                        "version": 0,
+                        "lr": 0.1,
+                        "updated_at": 1795266020.5,
+                        "federated": False,
+                        "lr_finder": False,
+                    },
+                    {
+                        "id": _SESSION_ID,
+                        "optimizer": "adam",
+                        "step": 4,
+                        "version": 4,
+                        "lr": 4e-05,
+                        "updated_at": 1795266012.2477844,
+                        "federated": False,
+                        "lr_finder": False,
+                    },
+                ],
+                "truncated": False,
+            },
+        ),
+        "empty": _ex("No sessions", {"sessions": [], "truncated": False}),
+    },
     "getParams": {
         "params": _ex("After three steps", {"step": 3, "version": 3, "params": _PARAMS_3})
     },
@@ -305,6 +336,7 @@ _STATUS_EXAMPLES: dict[tuple[str, str], dict[str, Any]] = {
 
 _RESPONSE_DESCRIPTIONS = {
     "createSession": "Created: the session document",
+    "listSessions": "The tenant's sessions, most recently updated first",
     "getSession": "The session document",
     "deleteSession": "Deleted",
     "getParams": "The current params (JSON, or safetensors by `Accept`)",

@@ -1,4 +1,4 @@
-"""`/v1/sessions`: create, read, delete a session, read its params, step it (API.md).
+"""`/v1/sessions`: create, list, read, delete a session, read its params, step it (API.md).
 
 Bodies are read raw (JSON or safetensors, by Content-Type) and handed to the engine;
 responses carrying tensors follow `Accept` (`application/octet-stream` for safetensors).
@@ -15,7 +15,7 @@ from service.api.auth import EngineDep, Tenant
 from service.api.codecs import BINARY, JSON, FastJSONResponse, Reply, wants_binary
 from service.api.engine import StepCall
 from service.api.errors import problems
-from service.api.schemas import ParamsResponse, SessionDoc, StepResponse
+from service.api.schemas import ParamsResponse, SessionDoc, SessionList, StepResponse
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
@@ -86,6 +86,24 @@ async def create_session(request: Request, tenant: Tenant, engine: EngineDep) ->
     body = await request.body()
     doc = await engine.create(tenant, body, request.headers.get("content-type"))
     return FastJSONResponse(doc, status_code=201, headers={"Location": f"/v1/sessions/{doc['id']}"})
+
+
+@router.get(
+    "",
+    response_model=SessionList,
+    summary="List the tenant's sessions",
+    operation_id="listSessions",
+    responses=problems(401, 422, 503),
+)
+async def list_sessions(
+    tenant: Tenant,
+    engine: EngineDep,
+    limit: Annotated[int, Query(ge=1, le=1000, description="sessions to return")] = 100,
+) -> Response:
+    """The caller's sessions (of its API key's tenant), most recently updated (or
+    created) first, at most `limit`; `truncated` tells whether there are more. Deleted
+    and expired sessions are not listed. Listing refreshes no session's idle expiry."""
+    return FastJSONResponse(await engine.list_sessions(tenant, limit))
 
 
 @router.get(

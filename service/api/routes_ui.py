@@ -1,7 +1,7 @@
 """The dashboard: `GET /` redirects to `/ui/`, `GET /ui/` is the page, `/ui/static/...`
 its assets (the files of the `service.ui` package, bundled with it).
 
-The page is plain HTML and JavaScript over the public API (`GET /v1/sessions/{id}`,
+The page is plain HTML and JavaScript over the public API (`GET /v1/sessions`, `.../{id}`,
 `.../history`, `.../schedule.png`), so it needs no authentication of its own: the page
 asks for an API key when the API answers 401 and sends it as `Authorization: Bearer`.
 None of these routes is part of the API: they stay out of the OpenAPI document.

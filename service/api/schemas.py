@@ -302,6 +302,26 @@ class SessionDoc(BaseModel):
     round: int | None = Field(None, description="federated sessions: the open round")
 
 
+class SessionSummary(BaseModel):
+    """One session of `GET /v1/sessions`."""
+
+    id: str
+    optimizer: str = Field(description="the optimizer's name")
+    step: int = Field(description="steps applied")
+    version: int = Field(description="as in the session document")
+    lr: float = Field(description="the rate the next step will use")
+    updated_at: float = Field(description="Unix time of the last change (or of creation)")
+    federated: bool = Field(description="a federated session (docs/federated.md)")
+    lr_finder: bool = Field(description="a session running an LR range test")
+
+
+class SessionList(BaseModel):
+    """The tenant's sessions (`GET /v1/sessions`)."""
+
+    sessions: list[SessionSummary] = Field(description="most recently updated first")
+    truncated: bool = Field(description="the tenant has more sessions than `limit`")
+
+
 class StepResponse(BaseModel):
     """The answer to a step: `params` or `updates` (new minus old) or neither."""
 

@@ -22,6 +22,7 @@ Every method raises `StoreUnavailable` when the backing service cannot be reache
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -141,6 +142,15 @@ class IdempotencyRecord:
         return cls(head["key"], head["fingerprint"], head["status"], head["headers"], data[4 + n :])
 
 
+def newest_first(metas: Iterable[SessionMeta], limit: int) -> list[SessionMeta]:
+    """The `limit` most recently updated of `metas` (ties: the later created, then the
+    greater id), newest first: the order of `StateStore.list_sessions` in every store."""
+    if limit <= 0:
+        return []
+    ordered = sorted(metas, key=lambda m: (m.updated_at, m.created_at, m.id), reverse=True)
+    return ordered[:limit]
+
+
 def check_commit(
     *,
     done: bool,
@@ -237,6 +247,12 @@ class StateStore(Protocol):
     async def delete(self, session_id: str) -> bool:
         """Remove the session with everything of it (history, idempotency records);
         False if there was none."""
+        ...
+
+    async def list_sessions(self, tenant: str, limit: int) -> list[SessionMeta]:
+        """The metas of `tenant`'s live sessions, most recently updated (or created)
+        first, at most `limit` of them (`newest_first`). Deleted and expired sessions
+        are not listed. Does not refresh any idle expiry."""
         ...
 
     async def history(self, session_id: str, limit: int) -> list[bytes]:

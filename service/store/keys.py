@@ -14,6 +14,8 @@ same text, hence has the same tag.)
     <p>:{<id>}:idems             sorted set: idempotency keys recorded, scored by expiry
     <p>:{<id>}:history           list: history entries, newest first, trimmed at commit
     <p>:sessions                 sorted set: session ids, scored by (last known) expiry
+    <p>:tenant:<t>:sessions      sorted set: ids of tenant <t>'s sessions, scored by
+                                 creation time (<t> percent-encoded, `{` and `}` too)
 
 Idempotency keys come from clients: they are percent-encoded (`:` and `%` included), so
 a key ending in `:lock` cannot name another key's claim.
@@ -63,3 +65,8 @@ class Keys:
 
     def sessions(self) -> str:
         return f"{self.prefix}:sessions"
+
+    def tenant_sessions(self, tenant: str) -> str:
+        """The index of `tenant`'s sessions (outside every session's slot; the tenant is
+        percent-encoded, so it has no hash tag and cannot collide with another key)."""
+        return f"{self.prefix}:tenant:{quote(tenant, safe='')}:sessions"

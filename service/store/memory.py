@@ -20,6 +20,8 @@ It behaves like the Redis store (`service.store.redis_store`) for one process:
   session refresh it (a transaction with `ttl=None` refreshes with the ttl the session
   was created with). Expired sessions are invisible at once and purged lazily (on
   access, and by a sweep of everything at most every `sweep_interval` seconds).
+  `list_sessions(tenant)` filters every session by its tenant (kept in the entry, so
+  only the tenant's metas are decoded), skipping expired ones.
   Idempotency records keep their own ttl (they outlive an expired session, as in
   Redis; `delete` removes them), and so do in-flight claims.
 """
@@ -39,6 +41,7 @@ from service.store.base import (
     SessionMeta,
     SessionTx,
     check_commit,
+    newest_first,
 )
 
 if TYPE_CHECKING:
@@ -65,6 +68,8 @@ class _Session:
     deadline: float | None
     #: history entries, newest first
     history: tuple[bytes, ...] = ()
+    #: the tenant the session belongs to (never changes), for `list_sessions`
+    tenant: str = ""
 
 
 @dataclass(slots=True)
@@ -200,6 +205,7 @@ class MemoryStore:
             state=_frozen(blobs.state),
             ttl=ttl,
             deadline=None if ttl is None else self._clock() + ttl,
+            tenant=meta.tenant,
         )
 
     async def get_meta(self, session_id: str, ttl: int | None = None) -> SessionMeta | None:
@@ -252,6 +258,16 @@ class MemoryStore:
         self._sessions.pop(session_id, None)
         self._idem.pop(session_id, None)
         return existed
+
+    async def list_sessions(self, tenant: str, limit: int) -> list[SessionMeta]:
+        self._maybe_sweep()
+        now = self._clock()
+        metas = [
+            SessionMeta.from_json(e.meta_json)
+            for e in self._sessions.values()
+            if e.tenant == tenant and (e.deadline is None or e.deadline > now)
+        ]
+        return newest_first(metas, limit)
 
     async def history(self, session_id: str, limit: int) -> list[bytes]:
         self._maybe_sweep()

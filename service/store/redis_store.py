@@ -40,6 +40,8 @@ Layout (key names in `service.store.keys`; every key of a session carries the ha
   earlier session of the same id).
 - `<prefix>:sessions`, outside any session's slot: ids scored by their last known expiry,
   for `count_sessions` (below).
+- `<prefix>:tenant:<tenant>:sessions`, outside any session's slot too: the ids of one
+  tenant's sessions scored by creation time, for `list_sessions` (below).
 
 Transactions: `transaction(sid)` takes a dedicated connection from the pool for its whole
 life. `load()` sends WATCH meta + HGETALL meta in one round trip and, unless the caller's
@@ -71,6 +73,15 @@ in the past: PTTL of their meta tells whether they still exist (ZREM if not) and
 when (the new score). An active session is checked about once per ttl, so a call costs
 O(log n) plus the few sessions that expired or were refreshed since; never a SCAN.
 
+Listing: `create` adds the id to its tenant's index and `delete` removes it, each with
+a command of its own, like `<prefix>:sessions`. `list_sessions(tenant)` reads the index,
+then the `json` field of every listed meta (HGET, `LIST_BATCH` per round trip), drops
+the ids whose meta is gone (expired, or a crash between a delete's DEL and its ZREM)
+and ZREMs them from the index (only those indexed more than `INDEX_GRACE` s ago: a
+younger one may be a create in flight), and orders the rest by `updated_at`, which
+changes with every step and so is in no index: a listing costs one meta read per
+session of the tenant, whatever `limit` is.
+
 Redis Cluster: a `redis+cluster://[user:password@]host:port[,host:port...]` url (any
 masters or replicas of the cluster as seeds; database 0 only) selects cluster mode.
 The store reads the slot map (`CLUSTER SLOTS`) on first use and keeps a connection pool
@@ -80,7 +91,9 @@ the session's hash tag, so a commit is single-node). `<prefix>:sessions` is in a
 slot: `create` and `delete` update it with a command of its own on its own node (never
 inside a session's MULTI, which would be CROSSSLOT; an index entry without a session is
 dropped by the next count, as after any crash), and `count_sessions` sends the PTTLs of
-the ids it checks to their nodes, one round trip per node. A MOVED or ASK reply, TRYAGAIN,
+the ids it checks to their nodes, one round trip per node. A tenant's index is handled
+alike: on the node of its own key, and `list_sessions` sends the HGETs of the metas to
+their nodes, one round trip per node. A MOVED or ASK reply, TRYAGAIN,
 CLUSTERDOWN, MASTERDOWN or READONLY (a failed-over master), or a connection error, marks
 the slot map stale and raises `StoreUnavailable` (the API answers 503 with Retry-After,
 a client retries with its Idempotency-Key); the next operation reads the map again and
@@ -120,6 +133,7 @@ from service.store.base import (
     SessionTx,
     StoreUnavailable,
     check_commit,
+    newest_first,
 )
 from service.store.cluster import (
     CLUSTER_TROUBLE,
@@ -145,6 +159,12 @@ MiB = 1 << 20
 DEFAULT_IDEMPOTENCY_TTL = 24 * 3600
 #: how often `load`/`read` read again when a commit keeps slipping in between
 MAX_READ_ATTEMPTS = 100
+#: `list_sessions` drops an id without a meta from its tenant's index only when it was
+#: indexed longer ago than this (seconds): a younger one may be a `create` in flight,
+#: whose index entry is written before its MULTI
+INDEX_GRACE = 300.0
+#: metas read per round trip by `list_sessions`
+LIST_BATCH = 1000
 
 Parser = Literal["hiredis", "python"]
 Packer = Literal["python", "hiredis"]
@@ -436,7 +456,10 @@ class RedisStore:
         sid = meta.id
         keys = self._keys
         # "check me at the next count": robust whatever happens to the MULTI
-        index: Command = ("ZADD", keys.sessions(), time.time(), sid)
+        now = time.time()
+        index: Command = ("ZADD", keys.sessions(), now, sid)
+        tenant_key = keys.tenant_sessions(meta.tenant)
+        tenant_index: Command = ("ZADD", tenant_key, now, sid)
         commands: list[Command] = [
             ("MULTI",),
             # a new session starts with no history, whatever an old one of this id left
@@ -446,9 +469,10 @@ class RedisStore:
         commands += body
         commands.append(("EXEC",))
         if self._cluster is None:
-            replies = await self._run([index, *commands], self._timeout(nbytes))
-        else:  # the index lives in another slot: its own command, first
+            replies = await self._run([index, tenant_index, *commands], self._timeout(nbytes))
+        else:  # the indexes live in other slots: a command of their own each, first
             await self._run_on(keys.sessions(), [index])
+            await self._run_on(tenant_key, [tenant_index])
             replies = await self._run_on(keys.meta(sid), commands, self._timeout(nbytes))
         if not isinstance(replies[-1], list):
             raise RuntimeError(f"create of session {sid} failed: {replies[-1]!r}")
@@ -520,6 +544,7 @@ class RedisStore:
             pool = self._pool if cluster is None else await cluster.pool_for(meta_key)
             conn = await connect(pool)
             deleted: bool | None = None
+            unindex: list[tuple[str, Command]] = []
             try:
                 for _ in range(MAX_READ_ATTEMPTS):
                     replies = check(
@@ -541,16 +566,53 @@ class RedisStore:
                     if replies[2] is not None:
                         check(replies)
                         deleted = bool(raw)
+                        unindex = [(keys.sessions(), ("ZREM", keys.sessions(), session_id))]
+                        if raw:
+                            tenant_key = keys.tenant_sessions(_Stored(raw).meta().tenant)
+                            unindex.append((tenant_key, ("ZREM", tenant_key, session_id)))
                         if cluster is None:
-                            check(await exchange(conn, [("ZREM", keys.sessions(), session_id)]))
+                            check(await exchange(conn, [command for _, command in unindex]))
                             return deleted
                         break
             finally:
                 await pool.release(conn)
-        if deleted is not None:  # cluster: the index is in another slot, on its node
-            await self._run_on(keys.sessions(), [("ZREM", keys.sessions(), session_id)])
+        if deleted is not None:  # cluster: the indexes are in other slots, on their nodes
+            for key, command in unindex:
+                await self._run_on(key, [command])
             return deleted
         raise StoreUnavailable(f"session {session_id} kept changing while being deleted")
+
+    async def list_sessions(self, tenant: str, limit: int) -> list[SessionMeta]:
+        if limit <= 0:
+            return []
+        index = self._keys.tenant_sessions(tenant)
+        now = time.time()
+        listed, old = await self._run_on(
+            index,
+            [("ZRANGE", index, 0, -1), ("ZRANGE", index, "-inf", now - INDEX_GRACE, "BYSCORE")],
+        )
+        prunable = set(old)
+        metas: list[SessionMeta] = []
+        gone: list[bytes] = []
+        for start in range(0, len(listed), LIST_BATCH):
+            batch = listed[start : start + LIST_BATCH]
+            meta_keys = [self._keys.meta(sid.decode()) for sid in batch]
+            commands: list[Command] = [("HGET", k, "json") for k in meta_keys]
+            if self._cluster is None:
+                found = await self._run(commands)
+            else:
+                found = await self._run_each(meta_keys, commands)
+            for sid, data in zip(batch, found, strict=True):
+                if data is None:
+                    if sid in prunable:
+                        gone.append(sid)
+                    continue
+                meta = SessionMeta.from_json(data)
+                if meta.tenant == tenant:
+                    metas.append(meta)
+        if gone:
+            await self._run_on(index, [("ZREM", index, *gone)])
+        return newest_first(metas, limit)
 
     async def history(self, session_id: str, limit: int) -> list[bytes]:
         if limit <= 0:  # LRANGE 0 -1 would be the whole list

@@ -1,18 +1,20 @@
 // optserve dashboard: plain JavaScript over the public API, charts by the bundled uPlot.
-// The API has no listing of sessions: the ids the user adds (or passes as ?session=<id>)
-// are remembered in localStorage. An API key, asked for when the API answers 401, is kept
-// in sessionStorage and sent as "Authorization: Bearer <key>".
+// The table lists the tenant's sessions (GET /v1/sessions, most recently updated first);
+// ids the user adds (or passes as ?session=<id>) and the listing does not show (beyond its
+// limit) are remembered in localStorage and read one by one. An API key, asked for when
+// the API answers 401, is kept in sessionStorage and sent as "Authorization: Bearer <key>".
 (function () {
   "use strict";
 
   const REFRESH_MS = 1500;
   const SCHEDULE_MS = 5000;
   const HISTORY_LIMIT = 1000;
+  const LIST_LIMIT = 100;
   const IDS_KEY = "optserve.sessions";
   const API_KEY = "optserve.apiKey";
 
   const $ = (sel) => document.querySelector(sel);
-  const state = { ids: loadIds(), docs: {}, selected: null, charts: {}, scheduleAt: 0, scheduleStep: -1, scheduleUrl: null, needKey: false };
+  const state = { ids: loadIds(), listed: [], truncated: false, docs: {}, selected: null, charts: {}, scheduleAt: 0, scheduleStep: -1, scheduleUrl: null, needKey: false };
 
   function loadIds() {
     try {
@@ -64,35 +66,51 @@
     return String(x);
   }
 
+  // the ids added by hand that the listing does not show
+  function extraIds() {
+    const listed = new Set(state.listed.map((s) => s.id));
+    return state.ids.filter((id) => !listed.has(id));
+  }
+
   function renderTable() {
     const body = $("#sessions tbody");
     body.textContent = "";
-    for (const id of state.ids) {
+    const rows = state.listed.map((s) => ({ id: s.id, cells: [s.optimizer, fmt(s.step), fmt(s.lr)], added: false }));
+    for (const id of extraIds()) {
       const doc = state.docs[id];
+      const cells = doc
+        ? [doc.optimizer && doc.optimizer.name, fmt(doc.step), fmt(doc.lr)]
+        : [doc === null ? "not found" : "…", "", ""];
+      rows.push({ id, cells, added: true, missing: doc === null });
+    }
+    for (const row of rows) {
+      const id = row.id;
       const tr = document.createElement("tr");
       tr.dataset.id = id;
       if (id === state.selected) tr.classList.add("selected");
-      if (doc === null) tr.classList.add("missing");
-      const cells = doc
-        ? [id, doc.optimizer && doc.optimizer.name, fmt(doc.step), fmt(doc.lr)]
-        : [id, doc === null ? "not found" : "…", "", ""];
-      cells.forEach((text, i) => {
+      if (row.missing) tr.classList.add("missing");
+      [id, ...row.cells].forEach((text, i) => {
         const td = document.createElement("td");
         td.textContent = text;
         if (i === 0) { td.className = "id"; td.title = id; }
         tr.appendChild(td);
       });
       const td = document.createElement("td");
-      const rm = document.createElement("button");
-      rm.type = "button";
-      rm.textContent = "×";
-      rm.title = "forget this session";
-      rm.addEventListener("click", (ev) => { ev.stopPropagation(); removeId(id); renderTable(); });
-      td.appendChild(rm);
+      if (row.added) {
+        const rm = document.createElement("button");
+        rm.type = "button";
+        rm.textContent = "×";
+        rm.title = "forget this session";
+        rm.addEventListener("click", (ev) => { ev.stopPropagation(); removeId(id); renderTable(); });
+        td.appendChild(rm);
+      }
       tr.appendChild(td);
       tr.addEventListener("click", () => select(id));
       body.appendChild(tr);
     }
+    $("#sessions-note").textContent = state.truncated
+      ? `the ${LIST_LIMIT} most recently updated sessions; add an older one by its id`
+      : "";
   }
 
   // --- charts -------------------------------------------------------------------------
@@ -149,27 +167,25 @@
     const id = state.selected;
     if (!id) return;
     ensureCharts();
-    const hist = await api("/v1/sessions/" + encodeURIComponent(id) + "/history?limit=" + HISTORY_LIMIT);
+    const path = "/v1/sessions/" + encodeURIComponent(id);
+    const [doc, hist] = await Promise.all([api(path), api(path + "/history?limit=" + HISTORY_LIMIT)]);
     if (id !== state.selected) return;
-    if (hist === null) { $("#detail-info").textContent = "no such session (deleted, expired, or another tenant's)"; return; }
+    if (doc === null || hist === null) { $("#detail-info").textContent = "no such session (deleted, expired, or another tenant's)"; return; }
     const s = series(hist.entries);
     setChart("lr", s.lr);
     setChart("loss", s.loss);
     setChart("grad", s.grad);
-    const doc = state.docs[id];
-    if (doc) {
-      const sched = doc.schedule ? doc.schedule.name || JSON.stringify(doc.schedule) : "constant";
-      $("#detail-info").textContent = `${doc.optimizer.name}, schedule ${sched}, step ${doc.step}, version ${doc.version}, lr ${fmt(doc.lr)}, ${hist.entries.length} history entries (keeps ${hist.limit})`;
-      const now = Date.now();
-      if (doc.step !== state.scheduleStep && now - state.scheduleAt >= SCHEDULE_MS) {
-        state.scheduleAt = now;
-        state.scheduleStep = doc.step;
-        const blob = await api("/v1/sessions/" + encodeURIComponent(id) + "/schedule.png", true);
-        if (blob && id === state.selected) {
-          if (state.scheduleUrl) URL.revokeObjectURL(state.scheduleUrl);
-          state.scheduleUrl = URL.createObjectURL(blob);
-          $("#schedule-img").src = state.scheduleUrl;
-        }
+    const sched = doc.schedule ? doc.schedule.name || JSON.stringify(doc.schedule) : "constant";
+    $("#detail-info").textContent = `${doc.optimizer.name}, schedule ${sched}, step ${doc.step}, version ${doc.version}, lr ${fmt(doc.lr)}, ${hist.entries.length} history entries (keeps ${hist.limit})`;
+    const now = Date.now();
+    if (doc.step !== state.scheduleStep && now - state.scheduleAt >= SCHEDULE_MS) {
+      state.scheduleAt = now;
+      state.scheduleStep = doc.step;
+      const blob = await api("/v1/sessions/" + encodeURIComponent(id) + "/schedule.png", true);
+      if (blob && id === state.selected) {
+        if (state.scheduleUrl) URL.revokeObjectURL(state.scheduleUrl);
+        state.scheduleUrl = URL.createObjectURL(blob);
+        $("#schedule-img").src = state.scheduleUrl;
       }
     }
   }
@@ -199,10 +215,14 @@
     if (running || state.needKey) return;
     running = true;
     try {
+      const list = await api("/v1/sessions?limit=" + LIST_LIMIT);
+      state.listed = list ? list.sessions : [];
+      state.truncated = !!(list && list.truncated);
+      const extra = extraIds();
       const docs = await Promise.all(
-        state.ids.map((id) => api("/v1/sessions/" + encodeURIComponent(id)))
+        extra.map((id) => api("/v1/sessions/" + encodeURIComponent(id)))
       );
-      state.ids.forEach((id, i) => { state.docs[id] = docs[i]; });
+      extra.forEach((id, i) => { state.docs[id] = docs[i]; });
       renderTable();
       await refreshDetail();
       setStatus("updated " + new Date().toLocaleTimeString());

@@ -239,6 +239,9 @@ class ProxyStore:
     async def history(self, session_id: str, limit: int) -> list[bytes]:
         return await self.inner.history(session_id, limit)
 
+    async def list_sessions(self, tenant: str, limit: int) -> list[SessionMeta]:
+        return await self.inner.list_sessions(tenant, limit)
+
 
 class SwitchableStore(ProxyStore):
     """A store that can be made unreachable: then every method raises StoreUnavailable."""
@@ -296,6 +299,10 @@ class SwitchableStore(ProxyStore):
     async def history(self, session_id: str, limit: int) -> list[bytes]:
         self._check()
         return await super().history(session_id, limit)
+
+    async def list_sessions(self, tenant: str, limit: int) -> list[SessionMeta]:
+        self._check()
+        return await super().list_sessions(tenant, limit)
 
 
 class _LosingTx:

@@ -142,7 +142,7 @@ async def test_openapi_describes_every_endpoint(api: Api) -> None:
     assert r.status_code == 200
     doc = r.json()
     paths = doc["paths"]
-    assert set(paths["/v1/sessions"]) == {"post"}
+    assert set(paths["/v1/sessions"]) == {"get", "post"}
     assert set(paths["/v1/sessions/{session_id}"]) == {"get", "delete"}
     assert set(paths["/v1/sessions/{session_id}/params"]) == {"get"}
     assert set(paths["/v1/sessions/{session_id}/step"]) == {"post"}

@@ -30,6 +30,7 @@ PROBLEM = "application/problem+json"
 #: every operation of API.md: (path, method) -> statuses it can answer
 API_MD: dict[tuple[str, str], set[str]] = {
     ("/v1/sessions", "post"): {"201", "400", "401", "413", "415", "422", "503"},
+    ("/v1/sessions", "get"): {"200", "401", "422", "503"},
     ("/v1/sessions/{session_id}", "get"): {"200", "401", "404", "503"},
     ("/v1/sessions/{session_id}", "delete"): {"204", "401", "404", "503"},
     ("/v1/sessions/{session_id}/params", "get"): {

@@ -1,9 +1,10 @@
 """The dashboard (`GET /ui/`) in a real browser: headless Chromium driven by Selenium.
 
 A live server with API keys; a session trained in a background thread (a step with its
-loss every ~50 ms). The browser opens `/` (redirected to `/ui/?...`), is asked for the
-API key when it adds the session by id (the API answered 401; the API has no listing of
-sessions: the page remembers ids in localStorage) and gets it, clicks the session, and the three
+loss every ~50 ms). The browser opens `/` (redirected to `/ui/`), is asked for the API
+key (its listing of the tenant's sessions, `GET /v1/sessions`, was answered 401) and
+gets it; the session then appears in the table without its id being typed anywhere; the
+browser clicks it, and the three
 uPlot charts (lr, loss, gradient norm per step) fill from `.../history`; a few seconds
 later they hold more points (the page refreshes itself). The schedule image loads too.
 A screenshot is saved in the test's tmp dir (its path is printed).
@@ -134,15 +135,17 @@ def test_dashboard_renders_and_updates_live(
         wait = WebDriverWait(browser, 20, poll_frequency=0.1)
         browser.get(server.base_url + "/")
         assert browser.current_url.endswith("/ui/"), browser.current_url
-        # add the session by id: without a key the API answers 401, the page asks for one
-        browser.find_element(By.ID, "add-input").send_keys(sid + "\n")
+        # the page lists the tenant's sessions: without a key the API answers 401, the
+        # page asks for one
         key_form = browser.find_element(By.ID, "key-form")
         wait.until(lambda d: key_form.is_displayed())
         browser.find_element(By.ID, "key-input").send_keys(API_KEY + "\n")
         wait.until(lambda d: not key_form.is_displayed())
-        # the table shows the session: choose it
+        # the table lists the session (nobody added its id): choose it
         row = f"#sessions tbody tr[data-id='{sid}']"
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, row))
         wait.until(lambda d: "adam" in d.find_element(By.CSS_SELECTOR, row).text)
+        assert not browser.find_elements(By.CSS_SELECTOR, f"{row} button")  # listed, not added
         browser.find_element(By.CSS_SELECTOR, row).click()
         assert browser.find_element(By.ID, "detail").is_displayed()
 

@@ -531,3 +531,65 @@ async def test_history_expires_with_the_session(store: Store) -> None:
     await asyncio.sleep(1.2)
     assert await store.get_meta("s1") is None
     assert await store.history("s1", 10) == []
+
+
+# -- listing -----------------------------------------------------------------------------
+
+
+def ids(metas: list[SessionMeta]) -> list[str]:
+    return [m.id for m in metas]
+
+
+async def test_list_sessions_is_per_tenant_newest_first(store: Store) -> None:
+    assert await store.list_sessions("t1", 10) == []
+    for i, updated in enumerate([5.0, 9.0, 7.0, 3.0]):
+        meta = make_meta(f"a{i}", created_at=float(i), updated_at=updated)
+        await store.create(meta, make_blobs(), ttl=60)
+    await store.create(make_meta("b0", tenant="t2", updated_at=100.0), make_blobs(), ttl=60)
+    listed = await store.list_sessions("t1", 10)
+    assert ids(listed) == ["a1", "a2", "a0", "a3"]
+    assert listed[0] == make_meta("a1", created_at=1.0, updated_at=9.0)
+    assert ids(await store.list_sessions("t2", 10)) == ["b0"]
+    assert await store.list_sessions("t3", 10) == []
+    # a tenant id of any text, hash-tag braces included, is a tenant of its own
+    await store.create(make_meta("c0", tenant="{t1}:x/%"), make_blobs(), ttl=60)
+    assert ids(await store.list_sessions("{t1}:x/%", 10)) == ["c0"]
+    assert ids(await store.list_sessions("t1", 10)) == ["a1", "a2", "a0", "a3"]
+
+
+async def test_list_sessions_limit(store: Store) -> None:
+    for i in range(5):
+        await store.create(make_meta(f"s{i}", updated_at=float(i)), make_blobs(), ttl=60)
+    assert ids(await store.list_sessions("t1", 2)) == ["s4", "s3"]
+    assert ids(await store.list_sessions("t1", 5)) == ["s4", "s3", "s2", "s1", "s0"]
+    assert len(await store.list_sessions("t1", 1000)) == 5
+    assert await store.list_sessions("t1", 0) == []
+
+
+async def test_list_sessions_follows_commits(store: Store) -> None:
+    await store.create(make_meta("old", updated_at=1.0), make_blobs(), ttl=60)
+    await store.create(make_meta("new", updated_at=2.0), make_blobs(), ttl=60)
+    assert ids(await store.list_sessions("t1", 10)) == ["new", "old"]
+    async with store.transaction("old") as tx:
+        loaded = await tx.load()
+        assert loaded is not None
+        assert await tx.commit(loaded[0].evolve(version=1, step=1, updated_at=3.0), None)
+    listed = await store.list_sessions("t1", 10)
+    assert ids(listed) == ["old", "new"]
+    assert (listed[0].step, listed[0].updated_at) == (1, 3.0)
+
+
+async def test_deleted_and_expired_sessions_are_not_listed(store: Store) -> None:
+    await store.create(make_meta("kept", updated_at=1.0), make_blobs(), ttl=60)
+    await store.create(make_meta("deleted", updated_at=2.0), make_blobs(), ttl=60)
+    await store.create(make_meta("short", updated_at=3.0), make_blobs(), ttl=1)
+    await store.create(make_meta("other", tenant="t2"), make_blobs(), ttl=1)
+    assert ids(await store.list_sessions("t1", 10)) == ["short", "deleted", "kept"]
+    assert await store.delete("deleted")
+    assert ids(await store.list_sessions("t1", 10)) == ["short", "kept"]
+    await asyncio.sleep(1.2)
+    assert ids(await store.list_sessions("t1", 10)) == ["kept"]
+    assert await store.list_sessions("t2", 10) == []
+    # a new session of the id is listed again
+    await store.create(make_meta("short", updated_at=4.0), make_blobs(), ttl=60)
+    assert ids(await store.list_sessions("t1", 10)) == ["short", "kept"]

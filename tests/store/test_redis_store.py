@@ -218,6 +218,28 @@ async def test_count_sessions_follows_expiry_and_refresh(redis_store: RedisStore
     assert await redis_store.count_sessions() == 2
 
 
+async def test_the_tenant_index_follows_create_delete_and_expiry(
+    redis_store: RedisStore, raw_redis: aioredis.Redis
+) -> None:
+    index = redis_store.keys.tenant_sessions("t1")
+    assert index == f"{redis_store.keys.prefix}:tenant:t1:sessions"
+    assert (
+        redis_store.keys.tenant_sessions("{a}:b")
+        == f"{redis_store.keys.prefix}:tenant:%7Ba%7D%3Ab:sessions"
+    )
+    for sid in ("a", "b", "c", "d"):
+        await redis_store.create(make_meta(sid), make_blobs(), ttl=60)
+    assert await raw_redis.zrange(index, 0, -1) == [b"a", b"b", b"c", b"d"]
+    assert await redis_store.delete("a")
+    assert await raw_redis.zrange(index, 0, -1) == [b"b", b"c", b"d"]
+    # b and c are gone (expired) without a delete: c was indexed long ago, b just now
+    # (as if its create were still in flight); the listing skips both, ZREMs only c
+    await raw_redis.delete(redis_store.keys.meta("b"), redis_store.keys.meta("c"))
+    await raw_redis.zadd(index, {"c": time.time() - 3600}, xx=True)
+    assert [m.id for m in await redis_store.list_sessions("t1", 10)] == ["d"]
+    assert await raw_redis.zrange(index, 0, -1) == [b"b", b"d"]
+
+
 # -- atomicity against a killed process --------------------------------------------------
 
 
