@@ -238,6 +238,7 @@ def apply_step(
     diverged = finder is not None and loss is not None and not math.isfinite(loss)
     new_params, new_state = params, join_state(opt, own)
     update_norm = 0.0
+    delta: np.ndarray | None = None  # new minus old params, when the step needs it
     if diverged or result.nonfinite:
         if result.nonfinite and not diverged and spec.transforms.nonfinite != "skip":
             raise nonfinite_grads(result.nonfinite, result.nonfinite_tensors)  # parse_step did
@@ -275,7 +276,7 @@ def apply_step(
             )
             own = join_state(_only(own, _AVERAGES, False), averages)
         new_state = join_state(new_opt, own)
-        if spec.history > 0:
+        if spec.history > 0 or step_input.ret == "updates":  # computed once for both
             delta = np.subtract(new_params, params)
             update_norm = float(np.sqrt(np.dot(delta, delta)))
         new_meta = meta.evolve(
@@ -306,7 +307,7 @@ def apply_step(
     if step_input.ret == "params":
         tensors = spec.layout.unflatten(new_params)
     elif step_input.ret == "updates":
-        tensors = spec.layout.unflatten(np.subtract(new_params, params))
+        tensors = spec.layout.unflatten(np.subtract(new_params, params) if delta is None else delta)
     reply = _tensor_reply(counters, step_input.ret, tensors, binary)
     entry = None
     if spec.history > 0:
