@@ -244,7 +244,7 @@ class Engine:
 
     async def get(self, tenant: str, session_id: str) -> dict[str, Any]:
         meta = await self.owned_meta(tenant, session_id, refresh=True)
-        return self.document(meta, Spec.load(meta.spec))
+        return self.document(meta, self.spec_of(meta))
 
     async def delete(self, tenant: str, session_id: str) -> None:
         await self.owned_meta(tenant, session_id)
@@ -261,7 +261,7 @@ class Engine:
         self._round_trip("list_sessions")
         metas = await self.store.list_sessions(tenant, limit + 1)
         return {
-            "sessions": [self.summary(meta, Spec.load(meta.spec)) for meta in metas[:limit]],
+            "sessions": [self.summary(meta, self.spec_of(meta)) for meta in metas[:limit]],
             "truncated": len(metas) > limit,
         }
 
@@ -594,7 +594,7 @@ class Engine:
         """The session's meta, spec and params of one version (from this replica's cache
         when it holds the stored version), and its state when `with_state`."""
         meta = await self.owned_meta(tenant, session_id, refresh=True)
-        spec = Spec.load(meta.spec)
+        spec = self.spec_of(meta)
         cached = self.cache.get(session_id)
         if cached is not None and cached.version == meta.version:
             return Current(meta, spec, cached.params, cached.state, None)
@@ -691,9 +691,17 @@ class Engine:
             if known[0] != tenant:
                 raise SessionNotFound()
             return known[1]
-        meta = await self.owned_meta(tenant, session_id)
+        return self.spec_of(await self.owned_meta(tenant, session_id))
+
+    def spec_of(self, meta: SessionMeta) -> Spec:
+        """The parsed spec of `meta`'s session: from memory when this replica parsed it
+        before (a session's spec never changes), else parsed and remembered."""
+        known = self._specs.get(meta.id)
+        if known is not None and known[0] == meta.tenant:
+            self._specs.move_to_end(meta.id)
+            return known[1]
         spec = Spec.load(meta.spec)
-        self._remember_spec(session_id, tenant, spec)
+        self._remember_spec(meta.id, meta.tenant, spec)
         return spec
 
     def _remember_spec(self, session_id: str, tenant: str, spec: Spec) -> None:

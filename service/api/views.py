@@ -128,7 +128,7 @@ def _range_test_config(spec: Spec) -> LRFinderConfig:
 
 async def _meta_spec(engine: Engine, tenant: str, session_id: str) -> tuple[SessionMeta, Spec]:
     meta = await engine.owned_meta(tenant, session_id, refresh=True)
-    return meta, Spec.load(meta.spec)
+    return meta, engine.spec_of(meta)
 
 
 # --- history -------------------------------------------------------------------------------
