@@ -38,7 +38,6 @@ import pytest
 import redis as redis_py
 
 from tests.api.support import core_run
-from tests.e2e.conftest import need_redis_server
 from tests.e2e.support import (
     BINARY,
     LiveServer,
@@ -49,7 +48,7 @@ from tests.e2e.support import (
     start_server,
     store_down,
 )
-from tests.support.redis_server import PrivateRedis, free_port
+from tests.support.redis_server import PrivateRedis
 
 THREADS = 4
 LR = 0.01
@@ -87,26 +86,14 @@ class Outcome:
 
 
 @pytest.fixture
-def aof_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    """A private redis-server with `--appendonly yes --appendfsync always` in tmp_path."""
-    need_redis_server()
-    server = PrivateRedis(free_port(), data_dir=tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def durable_server(aof_redis: PrivateRedis, tmp_path: Path) -> Iterator[LiveServer]:
+def durable_server(persistent_redis: PrivateRedis, tmp_path: Path) -> Iterator[LiveServer]:
     # a request that dies with Redis leaves its Idempotency-Key claim behind (the
     # release fails too): keep claims short so that its retry waits seconds, not a minute
     server = start_server(
         "durability",
         tmp_path,
         workers=2,
-        redis=aof_redis,
+        redis=persistent_redis,
         env={"OPTSERVE_IDEMPOTENCY_LOCK_TTL": str(LOCK_TTL)},
     )
     try:
@@ -142,9 +129,9 @@ def _config(redis: PrivateRedis, name: str) -> str:
 
 
 def test_sigkill_of_redis_loses_no_acknowledged_step(
-    durable_server: LiveServer, aof_redis: PrivateRedis
+    durable_server: LiveServer, persistent_redis: PrivateRedis
 ) -> None:
-    server, redis = durable_server, aof_redis
+    server, redis = durable_server, persistent_redis
     t0 = time.monotonic()
     assert (_config(redis, "appendonly"), _config(redis, "appendfsync")) == ("yes", "always")
     master, workers = server.proc.pid, server.worker_pids()

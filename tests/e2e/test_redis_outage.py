@@ -15,7 +15,6 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.e2e.conftest import need_redis_server
 from tests.e2e.support import (
     LiveServer,
     assert_close,
@@ -24,7 +23,7 @@ from tests.e2e.support import (
     start_server,
     store_down,
 )
-from tests.support.redis_server import PrivateRedis, free_port
+from tests.support.redis_server import PrivateRedis
 
 STEPS = 150
 LR = 0.02
@@ -33,18 +32,6 @@ SEED = 99
 BEFORE_OUTAGE = 20
 #: seconds Redis stays down once the client has seen it
 OUTAGE = 0.7
-
-
-@pytest.fixture
-def persistent_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    """A private redis-server whose data survives a restart (AOF, fsync always)."""
-    need_redis_server()
-    server = PrivateRedis(free_port(), data_dir=tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
