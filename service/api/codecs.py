@@ -148,6 +148,18 @@ def metadata_number(metadata: Mapping[str, str], key: str, loc: Loc) -> float | 
         raise invalid(loc, f"must be a number written as a string, not {text!r}") from None
 
 
+def metadata_int(metadata: Mapping[str, str], key: str, loc: Loc) -> int | None:
+    """An integer carried as a string in safetensors `__metadata__` (None if absent)."""
+    text = metadata.get(key)
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        msg = f"must be an integer written as a string, not {text!r}"
+        raise invalid(loc, msg) from None
+
+
 def metadata_bool(metadata: Mapping[str, str], key: str, loc: Loc) -> bool:
     """A flag carried as `"true"` / `"false"` in safetensors `__metadata__` (absent: false)."""
     text = metadata.get(key)
@@ -265,6 +277,7 @@ __all__ = [
     "load_binary",
     "load_json",
     "metadata_bool",
+    "metadata_int",
     "metadata_number",
     "wants_binary",
 ]

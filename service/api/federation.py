@@ -79,7 +79,7 @@ def parse_update(spec: Spec, body: bytes, binary: bool) -> Update:
         raw, metadata = codecs.load_binary(body)
         data: dict[str, Any] = {
             "client_id": metadata.get("client_id"),
-            "num_examples": _int(metadata.get("num_examples"), "num_examples"),
+            "num_examples": codecs.metadata_int(metadata, "num_examples", ["body", "num_examples"]),
         }
         kind = metadata.get("kind", spec.federated.update)
         if kind not in ("delta", "weights"):
@@ -111,16 +111,6 @@ def parse_update(spec: Spec, body: bytes, binary: bool) -> Update:
         )
     metrics = {k: float(v) for k, v in (request.metrics or {}).items()}
     return Update(request.client_id, kind, flat, request.num_examples, metrics)
-
-
-def _int(text: str | None, name: str) -> int | None:
-    if text is None:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        msg = f"must be an integer written as a string, not {text!r}"
-        raise invalid(["body", name], msg) from None
 
 
 # --- the round -----------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def parse_create(
             if name in metadata:
                 data[name] = metadata[name]
         if "history" in metadata:
-            data["history"] = _metadata_int(metadata, "history")
+            data["history"] = codecs.metadata_int(metadata, "history", ["body", "history"])
         request = validate_model(CreateSession, data)
         tensors = {n: codecs.binary_tensor(a, ["body", "params", n]) for n, a in raw.items()}
     else:
@@ -192,7 +192,9 @@ def parse_step(spec: Spec, body: bytes, binary: bool) -> StepInput:
         skip_missing = codecs.metadata_bool(metadata, "skip_missing", ["body", "skip_missing"])
         options: dict[str, Any] = {"grads": {}}
         if "base_version" in metadata:
-            options["base_version"] = _metadata_int(metadata, "base_version")
+            options["base_version"] = codecs.metadata_int(
+                metadata, "base_version", ["body", "base_version"]
+            )
         if "wait" in metadata:
             options["wait"] = codecs.metadata_number(metadata, "wait", ["body", "wait"])
         request = validate_model(StepRequest, options)
@@ -281,16 +283,6 @@ def nonfinite_grads(count: int, names: list[str]) -> Invalid:
         f"{count} non-finite gradient values in {', '.join(map(repr, names))}; nothing was applied",
         [field_error(["body", "grads", n], msg) for n in names],
     )
-
-
-def _metadata_int(metadata: Mapping[str, str], name: str) -> int:
-    text = metadata[name]
-    try:
-        return int(text)
-    except ValueError:
-        raise invalid(
-            ["body", name], f"must be an integer written as a string, not {text!r}"
-        ) from None
 
 
 def _metadata_json(metadata: Mapping[str, str], name: str) -> Any:
