@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     max_body_bytes: Annotated[int, Field(ge=1024)] = 512 * MiB
     #: most parameters (elements over all tensors) one session may hold
     max_params: Annotated[int, Field(ge=1)] = 200_000_000
+    #: most tensors one session may hold (every step and export costs a little per tensor)
+    max_tensors: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
     #: idle seconds before a session expires (refreshed on use); None: never
     session_ttl: Annotated[int, Field(ge=1)] | None = 7 * 24 * 3600
     #: seconds an Idempotency-Key's recorded response is kept

@@ -97,7 +97,7 @@ from service.api.federation import (
 )
 from service.api.parsing import StepInput, parse_create, parse_step, validate_model
 from service.api.schemas import MetricsRequest, PreviewRequest
-from service.api.spec import Spec, encode_schedule_state
+from service.api.spec import Limits, Spec, encode_schedule_state
 from service.api.stepping import (
     Computed,
     compute_metrics,
@@ -195,6 +195,7 @@ class Engine:
         self.settings = settings
         self.store = store
         self.cache = SessionCache(settings.cache_sessions, settings.cache_bytes)
+        self.limits = Limits(settings.max_params, settings.max_history, settings.max_tensors)
         #: session id -> (tenant, parsed spec): neither ever changes for an id (ids are
         #: random and never reused), so a step needs no meta read to validate its body
         self._specs: OrderedDict[str, tuple[str, Spec]] = OrderedDict()
@@ -209,8 +210,7 @@ class Engine:
             parse_create,
             body,
             binary,
-            self.settings.max_params,
-            self.settings.max_history,
+            self.limits,
         )
 
         def init() -> OptState:
@@ -528,8 +528,7 @@ class Engine:
             len(body) > OFFLOAD_BYTES,
             state_io.decode_session,
             body,
-            self.settings.max_params,
-            self.settings.max_history,
+            self.limits,
             session,
         )
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from service.api import codecs
 from service.api.errors import Invalid, field_error, invalid, layout_error, spec_error
 from service.api.schemas import CreateSession, StepRequest
-from service.api.spec import DEFAULT_HISTORY, Spec
+from service.api.spec import DEFAULT_HISTORY, Limits, Spec
 from service.core import FlatLayout, GradientTransforms, find_nonfinite
 from service.core.averaging import parse_ema, parse_swa
 from service.core.consistency import parse_consistency
@@ -52,11 +52,9 @@ _JSON_METADATA = (
 )
 
 
-def parse_create(
-    body: bytes, binary: bool, max_params: int, max_history: int = DEFAULT_HISTORY
-) -> tuple[Spec, np.ndarray]:
-    """A creation body (JSON or binary) as its spec and flat params, validated; at most
-    `max_params` parameters in all and `max_history` history entries."""
+def parse_create(body: bytes, binary: bool, limits: Limits) -> tuple[Spec, np.ndarray]:
+    """A creation body (JSON or binary) as its spec and flat params, validated within
+    `limits`."""
     tensors: dict[str, np.ndarray]
     if binary:
         raw, metadata = codecs.load_binary(body)
@@ -76,7 +74,7 @@ def parse_create(
         tensors = {
             n: codecs.json_tensor(v, ["body", "params", n]) for n, v in request.params.items()
         }
-    spec = build_spec(request, tensors, max_params, max_history)
+    spec = build_spec(request, tensors, limits)
     with np.errstate(over="ignore"):
         params = spec.layout.flatten(tensors, spec.dtype)
     if not np.isfinite(params).all():
@@ -89,15 +87,15 @@ def parse_create(
     return spec, params
 
 
-def build_spec(
-    request: CreateSession,
-    tensors: Mapping[str, np.ndarray],
-    max_params: int,
-    max_history: int = DEFAULT_HISTORY,
-) -> Spec:
+def build_spec(request: CreateSession, tensors: Mapping[str, np.ndarray], limits: Limits) -> Spec:
     """The spec of a creation request and its tensors (422 on anything invalid)."""
     if not tensors:
         raise invalid(["body", "params"], "must name at least one tensor")
+    if len(tensors) > limits.max_tensors:
+        raise invalid(
+            ["body", "params"],
+            f"{len(tensors)} tensors, over this server's limit of {limits.max_tensors}",
+        )
     if "__metadata__" in tensors:
         raise invalid(["body", "params", "__metadata__"], "this tensor name is reserved")
     federated = _feature(parse_federated, request.federated, "federated")
@@ -130,14 +128,14 @@ def build_spec(
         layout = FlatLayout.from_shapes((n, a.shape) for n, a in tensors.items())
     except LayoutError as exc:
         raise layout_error(exc, ["body", "params"]) from None
-    if layout.total > max_params:
+    if layout.total > limits.max_params:
         raise invalid(
             ["body", "params"],
-            f"{layout.total} parameters in all, over this server's limit of {max_params}",
+            f"{layout.total} parameters in all, over this server's limit of {limits.max_params}",
         )
     history = DEFAULT_HISTORY if request.history is None else request.history
-    if not 0 <= history <= max_history:
-        raise invalid(["body", "history"], f"must be in [0, {max_history}]: got {history}")
+    if not 0 <= history <= limits.max_history:
+        raise invalid(["body", "history"], f"must be in [0, {limits.max_history}]: got {history}")
     lr_finder = _feature(parse_lr_finder_config, request.lr_finder, "lr_finder")
     if lr_finder is not None and schedule is not None:
         raise invalid(

@@ -39,6 +39,18 @@ DEFAULT_HISTORY = 1000
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """What one session may hold (from `Settings`): checked at create, import and PUT."""
+
+    #: parameters (elements over all tensors)
+    max_params: int = 200_000_000
+    #: history entries the session may ask to keep
+    max_history: int = 10_000
+    #: tensors
+    max_tensors: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
 class Spec:
     """A session's validated configuration (what `SessionMeta.spec` stores as data)."""
 

@@ -32,7 +32,13 @@ from service.api.errors import Invalid, Loc, UnsupportedMediaType, field_error, 
 from service.api.federation import UPDATE_PREFIX
 from service.api.parsing import build_spec, validate_model
 from service.api.schemas import CreateSession
-from service.api.spec import SPEC_FORMAT, Spec, decode_schedule_state, encode_schedule_state
+from service.api.spec import (
+    SPEC_FORMAT,
+    Limits,
+    Spec,
+    decode_schedule_state,
+    encode_schedule_state,
+)
 from service.api.stepping import ACC_SUM, current_lr, split_state
 from service.core import find_nonfinite, tensorfile
 from service.core.averaging import EMA_AVG, EMA_N, SWA_AVG, SWA_N
@@ -121,9 +127,7 @@ def require_binary(content_type: str | None) -> None:
         raise UnsupportedMediaType(msg, [field_error(["header", "Content-Type"], msg)])
 
 
-def decode_session(
-    body: bytes, max_params: int, max_history: int, session: Spec | None = None
-) -> SessionFile:
+def decode_session(body: bytes, limits: Limits, session: Spec | None = None) -> SessionFile:
     """A state file, validated (docs/state.md); `session`: the spec of the session a PUT
     replaces, which the file's configuration must match."""
     tensors, metadata = codecs.load_binary(body)
@@ -132,7 +136,7 @@ def decode_session(
         raise invalid(
             [*_META, "format"], f"must be {FORMAT!r} (a session state file): got {found!r}"
         )
-    spec = _parse_spec(metadata, max_params, max_history)
+    spec = _parse_spec(metadata, limits)
     if session is not None:
         _check_same_configuration(session, spec)
         spec = session  # the same, with the session's tensor order
@@ -188,7 +192,7 @@ def _counter(metadata: Mapping[str, str], key: str) -> int:
     return int(text)
 
 
-def _parse_spec(metadata: Mapping[str, str], max_params: int, max_history: int) -> Spec:
+def _parse_spec(metadata: Mapping[str, str], limits: Limits) -> Spec:
     """The file's spec, checked as a creation request is (same rules and limits)."""
     at = [*_META, "spec"]
     data = _json(metadata, "spec")
@@ -208,7 +212,7 @@ def _parse_spec(metadata: Mapping[str, str], max_params: int, max_history: int) 
     stand_ins = {name: np.broadcast_to(np.zeros((), np.float32), shape) for name, shape in shapes}
     try:
         request = validate_model(CreateSession, {**fields, "params": {}})
-        return build_spec(request, stand_ins, max_params, max_history)
+        return build_spec(request, stand_ins, limits)
     except Invalid as exc:
         raise _under(exc, at) from None
 
