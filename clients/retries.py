@@ -46,9 +46,14 @@ class RetryPolicy:
     backoff's first ceiling and its cap (seconds); `max_total_delay`: the most seconds
     spent waiting over all retries of one call: once spent, or when a `Retry-After`
     asks for more than what is left, the retries end (0 turns retries off).
+
+    The defaults (10 retries, 60 s) outlast what a server's crash leaves behind: the
+    claim of an `Idempotency-Key` whose holder was killed lapses within the server's
+    lease (`idempotency_lock_ttl`, 10 s by default; its 409 says when in
+    `Retry-After`), and a restarted Redis answers within a few 503s.
     """
 
-    max_retries: int = 5
+    max_retries: int = 10
     initial_delay: float = 0.5
     max_delay: float = 8.0
     max_total_delay: float = 60.0

@@ -40,8 +40,10 @@ class Settings(BaseSettings):
     session_ttl: Annotated[int, Field(ge=1)] | None = 7 * 24 * 3600
     #: seconds an Idempotency-Key's recorded response is kept
     idempotency_ttl: Annotated[int, Field(ge=1)] = 24 * 3600
-    #: seconds an in-flight Idempotency-Key stays claimed if its request dies
-    idempotency_lock_ttl: Annotated[int, Field(ge=1)] = 60
+    #: seconds of lease on an in-flight Idempotency-Key: the request holding it renews it
+    #: every third of this while it works, so a claim outlives a killed holder by at most
+    #: this long (a retry meanwhile gets 409 with Retry-After)
+    idempotency_lock_ttl: Annotated[int, Field(ge=1, le=3600)] = 10
     #: sessions whose latest state a replica keeps in memory (LRU), and their byte budget
     cache_sessions: Annotated[int, Field(ge=0)] = 256
     cache_bytes: Annotated[int, Field(ge=0)] = 2048 * MiB

@@ -59,7 +59,9 @@ together or not at all. A refused request is never recorded (its claim is releas
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import math
 import re
 import secrets
 import time
@@ -365,28 +367,45 @@ class Engine:
             if record is not None:
                 return self._replay(record, fp), "replayed"
         compute, big = await prepare(call, spec)
-        claimed = committed = False
+        if key is None or fp is None:
+            return await self._transact(call, spec, compute, big, fp)
+        token = secrets.token_hex(16)
+        lease = float(self.settings.idempotency_lock_ttl)
+        self._round_trip("claim_idempotency")
+        left = await self.store.claim_idempotency(sid, key, lease, token)
+        if left is not None:
+            record = await self._record(sid, key)
+            if record is not None:
+                return self._replay(record, fp), "replayed"
+            raise IdempotencyInFlight(retry_after=max(1, math.ceil(left)))
+        # a first request that committed between our look and our claim is found inside
+        # the transaction (`tx.recorded`), which also covers a lease that lapsed
+        committed = False
+        renewals = asyncio.create_task(self._renew_claim(sid, key, token, lease))
         try:
-            if key is not None and fp is not None:
-                self._round_trip("claim_idempotency")
-                if not await self.store.claim_idempotency(
-                    sid, key, self.settings.idempotency_lock_ttl
-                ):
-                    record = await self._record(sid, key)
-                    if record is not None:
-                        return self._replay(record, fp), "replayed"
-                    raise IdempotencyInFlight()
-                claimed = True
-                # a first request that committed between our look and our claim is found
-                # inside the transaction (`tx.recorded`), which also covers an expired claim
             reply, outcome = await self._transact(call, spec, compute, big, fp)
             committed = outcome != "replayed"  # a replay leaves our claim to release
             return reply, outcome
         finally:
-            if claimed and not committed and key is not None:
+            renewals.cancel()
+            if not committed:
                 self._round_trip("release_idempotency")
-                with suppress(StoreUnavailable):
-                    await self.store.release_idempotency(sid, key)
+                with suppress(StoreUnavailable), anyio.CancelScope(shield=True):
+                    await self.store.release_idempotency(sid, key, token)
+
+    async def _renew_claim(self, sid: str, key: str, token: str, lease: float) -> None:
+        """Keep our claim of `key` alive while the request works: renew the lease every
+        third of it (a holder killed mid-request leaves a claim that lapses within one
+        lease). Gives up quietly when the claim is no longer ours or the store is down:
+        the commit's own check of the record (`tx.recorded`) keeps the step single."""
+        while True:
+            await anyio.sleep(lease / 3)
+            self._round_trip("renew_idempotency")
+            try:
+                if not await self.store.renew_idempotency(sid, key, token, lease):
+                    return
+            except StoreUnavailable:
+                return
 
     async def _transact(
         self, call: StepCall, spec: Spec, compute: Compute, big: bool, fp: str | None

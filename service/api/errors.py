@@ -123,13 +123,22 @@ class SessionNotFound(ApiError):
 
 
 class IdempotencyInFlight(ApiError):
-    """409: a request with the same `Idempotency-Key` is still being processed."""
+    """409: a request with the same `Idempotency-Key` is still being processed;
+    `Retry-After` says when its claim's lease ends (at most `idempotency_lock_ttl`)."""
 
     status, slug, title = 409, "idempotency-key-in-flight", "Idempotency key in flight"
 
-    def __init__(self) -> None:
-        msg = "a request with this Idempotency-Key is still in flight; retry later"
-        super().__init__(msg, [field_error(["header", "Idempotency-Key"], msg)])
+    def __init__(self, retry_after: int = 1) -> None:
+        msg = (
+            "a request with this Idempotency-Key is still in flight; retry after "
+            f"{retry_after} s (the same key then gets its answer, or is applied if that "
+            "request died)"
+        )
+        super().__init__(
+            msg,
+            [field_error(["header", "Idempotency-Key"], msg)],
+            headers={"Retry-After": str(retry_after)},
+        )
 
 
 class VersionConflict(ApiError):

@@ -262,10 +262,20 @@ class StateStore(Protocol):
 
     async def get_idempotency(self, session_id: str, key: str) -> IdempotencyRecord | None: ...
 
-    async def claim_idempotency(self, session_id: str, key: str, ttl: int) -> bool:
-        """Mark `key` in flight; False when another request holds it."""
+    async def claim_idempotency(
+        self, session_id: str, key: str, ttl: float, token: str
+    ) -> float | None:
+        """Mark `key` in flight for `ttl` seconds (a lease), held by `token`: None when
+        claimed, else the seconds the current holder's lease has left."""
         ...
 
-    async def release_idempotency(self, session_id: str, key: str) -> None: ...
+    async def renew_idempotency(self, session_id: str, key: str, token: str, ttl: float) -> bool:
+        """Extend the lease of `key` to `ttl` seconds from now if `token` still holds it;
+        False when it does not (it lapsed, or was released)."""
+        ...
+
+    async def release_idempotency(self, session_id: str, key: str, token: str) -> None:
+        """Drop the claim of `key` if `token` holds it (another holder's is left alone)."""
+        ...
 
     async def count_sessions(self) -> int: ...

@@ -178,8 +178,8 @@ class MemoryStore:
         self._sessions: dict[str, _Session] = {}
         #: session id -> idempotency key -> (record bytes, deadline)
         self._idem: dict[str, dict[str, tuple[bytes, float]]] = {}
-        #: session id -> idempotency key -> deadline of the in-flight claim
-        self._claims: dict[str, dict[str, float]] = {}
+        #: session id -> idempotency key -> (holder's token, deadline) of the in-flight claim
+        self._claims: dict[str, dict[str, tuple[str, float]]] = {}
         self._locks: dict[str, _LockRef] = {}
         self._next_sweep = clock() + sweep_interval
 
@@ -298,18 +298,31 @@ class MemoryStore:
             return None
         return IdempotencyRecord.from_bytes(data)
 
-    async def claim_idempotency(self, session_id: str, key: str, ttl: int) -> bool:
+    async def claim_idempotency(
+        self, session_id: str, key: str, ttl: float, token: str
+    ) -> float | None:
         self._maybe_sweep()
         now = self._clock()
         claims = self._claims.setdefault(session_id, {})
-        deadline = claims.get(key)
-        if deadline is not None and deadline > now:
+        held = claims.get(key)
+        if held is not None and held[1] > now:
+            return held[1] - now
+        claims[key] = (token, now + ttl)
+        return None
+
+    async def renew_idempotency(self, session_id: str, key: str, token: str, ttl: float) -> bool:
+        now = self._clock()
+        claims = self._claims.get(session_id, {})
+        held = claims.get(key)
+        if held is None or held[0] != token or held[1] <= now:
             return False
-        claims[key] = now + ttl
+        claims[key] = (token, now + ttl)
         return True
 
-    async def release_idempotency(self, session_id: str, key: str) -> None:
-        self._drop_claim(session_id, key)
+    async def release_idempotency(self, session_id: str, key: str, token: str) -> None:
+        held = self._claims.get(session_id, {}).get(key)
+        if held is not None and held[0] == token:
+            self._drop_claim(session_id, key)
 
     # -- internals -------------------------------------------------------------------
 
@@ -360,7 +373,7 @@ class MemoryStore:
                 del self._idem[sid]
         for sid in list(self._claims):
             claims = self._claims[sid]
-            for key in [k for k, deadline in claims.items() if deadline <= now]:
+            for key in [k for k, (_, deadline) in claims.items() if deadline <= now]:
                 del claims[key]
             if not claims:
                 del self._claims[sid]

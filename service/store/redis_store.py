@@ -33,8 +33,10 @@ Layout (key names in `service.store.keys`; every key of a session carries the ha
 - `params:<i>`, `state:<i>`: the blobs cut into chunks of at most `chunk_bytes`, so no
   value ever exceeds it (Redis refuses values over 512 MB, and big values stall it).
   A commit that shrinks a blob deletes the surplus chunks in the same MULTI.
-- `idem:<key>` (the record, its own ttl), `idem:<key>:lock` (the in-flight claim, its
-  own ttl) and `idems`, a sorted set of the recorded keys that `delete` uses.
+- `idem:<key>` (the record, its own ttl), `idem:<key>:lock` (the in-flight claim: the
+  holder's random token, a short lease that the holder renews while it works; renewal
+  and release are compare-and-set scripts on the token) and `idems`, a sorted set of the
+  recorded keys that `delete` uses.
 - `history`, a list of history entries, newest first: a commit LPUSHes its entry and
   LTRIMs the list to the newest `history_limit` (`create` deletes any left by an
   earlier session of the same id).
@@ -172,6 +174,20 @@ Packer = Literal["python", "hiredis"]
 
 class DamagedSession(RuntimeError):
     """A session's meta names a chunk that is missing or of the wrong size (evicted?)."""
+
+
+#: extend / drop an idempotency claim only while it is still the caller's (its token)
+_RENEW = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+    "return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+)
+_RELEASE = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+)
+
+
+def _millis(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
 
 
 def _int(value: Any, default: int = 0) -> int:
@@ -654,14 +670,25 @@ class RedisStore:
         (data,) = await self._run_on(record_key, [("GET", record_key)])
         return None if data is None else IdempotencyRecord.from_bytes(data)
 
-    async def claim_idempotency(self, session_id: str, key: str, ttl: int) -> bool:
+    async def claim_idempotency(
+        self, session_id: str, key: str, ttl: float, token: str
+    ) -> float | None:
         lock = self._keys.idem_lock(session_id, key)
-        (ok,) = await self._run_on(lock, [("SET", lock, b"1", "NX", "EX", ttl)])
-        return ok is not None
+        ok, pttl = await self._run_on(
+            lock, [("SET", lock, token, "NX", "PX", _millis(ttl)), ("PTTL", lock)]
+        )
+        if ok is not None:
+            return None
+        return max(int(pttl), 0) / 1000.0  # -2: released meanwhile; try again at once
 
-    async def release_idempotency(self, session_id: str, key: str) -> None:
+    async def renew_idempotency(self, session_id: str, key: str, token: str, ttl: float) -> bool:
         lock = self._keys.idem_lock(session_id, key)
-        await self._run_on(lock, [("DEL", lock)])
+        (done,) = await self._run_on(lock, [("EVAL", _RENEW, 1, lock, token, _millis(ttl))])
+        return bool(done)
+
+    async def release_idempotency(self, session_id: str, key: str, token: str) -> None:
+        lock = self._keys.idem_lock(session_id, key)
+        await self._run_on(lock, [("EVAL", _RELEASE, 1, lock, token)])
 
     # -- internals -------------------------------------------------------------------
 

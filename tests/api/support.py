@@ -227,11 +227,16 @@ class ProxyStore:
     async def get_idempotency(self, session_id: str, key: str) -> IdempotencyRecord | None:
         return await self.inner.get_idempotency(session_id, key)
 
-    async def claim_idempotency(self, session_id: str, key: str, ttl: int) -> bool:
-        return await self.inner.claim_idempotency(session_id, key, ttl)
+    async def claim_idempotency(
+        self, session_id: str, key: str, ttl: float, token: str
+    ) -> float | None:
+        return await self.inner.claim_idempotency(session_id, key, ttl, token)
 
-    async def release_idempotency(self, session_id: str, key: str) -> None:
-        await self.inner.release_idempotency(session_id, key)
+    async def renew_idempotency(self, session_id: str, key: str, token: str, ttl: float) -> bool:
+        return await self.inner.renew_idempotency(session_id, key, token, ttl)
+
+    async def release_idempotency(self, session_id: str, key: str, token: str) -> None:
+        await self.inner.release_idempotency(session_id, key, token)
 
     async def count_sessions(self) -> int:
         return await self.inner.count_sessions()
@@ -288,9 +293,11 @@ class SwitchableStore(ProxyStore):
         self._check()
         return await super().get_idempotency(session_id, key)
 
-    async def claim_idempotency(self, session_id: str, key: str, ttl: int) -> bool:
+    async def claim_idempotency(
+        self, session_id: str, key: str, ttl: float, token: str
+    ) -> float | None:
         self._check()
-        return await super().claim_idempotency(session_id, key, ttl)
+        return await super().claim_idempotency(session_id, key, ttl, token)
 
     async def count_sessions(self) -> int:
         self._check()

@@ -166,13 +166,15 @@ async def test_404_unknown_route_is_a_problem(api: Api) -> None:
 
 
 async def test_409_idempotency_key_in_flight(api: Api, session: str) -> None:
-    assert await api.store.claim_idempotency(session, "busy-key", 60)
+    assert await api.store.claim_idempotency(session, "busy-key", 60, "other") is None
     r = await api.step(session, {"grads": GRADS}, headers={"Idempotency-Key": "busy-key"})
     body = problem(r, 409)
     assert locs(body) == [["header", "Idempotency-Key"]]
     assert "in flight" in body["detail"]
+    # Retry-After: when the holder's lease ends (it has ~60 s left)
+    assert 55 <= int(r.headers["retry-after"]) <= 60
     # the claim belongs to the other request: still held
-    assert not await api.store.claim_idempotency(session, "busy-key", 60)
+    assert await api.store.claim_idempotency(session, "busy-key", 60, "mine") is not None
 
 
 async def test_409_unresolved_version_conflict(store: StateStore) -> None:

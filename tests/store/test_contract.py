@@ -270,19 +270,22 @@ async def test_blobs_larger_than_a_chunk(store: Store) -> None:
 async def test_idempotency_claim_release_record(store: Store) -> None:
     await store.create(make_meta("s1"), make_blobs(), ttl=60)
     assert await store.get_idempotency("s1", "k1") is None
-    assert await store.claim_idempotency("s1", "k1", ttl=60) is True
-    assert await store.claim_idempotency("s1", "k1", ttl=60) is False
-    assert await store.claim_idempotency("s1", "k2", ttl=60) is True
-    assert await store.claim_idempotency("s2", "k1", ttl=60) is True
-    await store.release_idempotency("s1", "k1")
-    assert await store.claim_idempotency("s1", "k1", ttl=60) is True
+    assert await store.claim_idempotency("s1", "k1", ttl=60, token="a") is None
+    left = await store.claim_idempotency("s1", "k1", ttl=60, token="b")
+    assert left is not None and 55 < left <= 60  # held: the holder's lease has ~60 s left
+    assert await store.claim_idempotency("s1", "k2", ttl=60, token="b") is None
+    assert await store.claim_idempotency("s2", "k1", ttl=60, token="b") is None
+    await store.release_idempotency("s1", "k1", "b")  # not b's claim: left alone
+    assert await store.claim_idempotency("s1", "k1", ttl=60, token="c") is not None
+    await store.release_idempotency("s1", "k1", "a")
+    assert await store.claim_idempotency("s1", "k1", ttl=60, token="c") is None
     # the commit records the response and drops the claim, atomically with the step
     rec = record("k1", body=b"\x00binary\xff" * 100)
     await commit_next(store, "s1", make_blobs(), idem=rec, idem_ttl=60)
     assert await store.get_idempotency("s1", "k1") == rec
     assert await store.get_idempotency("s1", "k2") is None
     assert await store.get_idempotency("s2", "k1") is None
-    assert await store.claim_idempotency("s1", "k1", ttl=60) is True
+    assert await store.claim_idempotency("s1", "k1", ttl=60, token="d") is None
     # a deleted session takes its records along
     assert await store.delete("s1")
     assert await store.get_idempotency("s1", "k1") is None
@@ -291,29 +294,48 @@ async def test_idempotency_claim_release_record(store: Store) -> None:
 async def test_idempotency_keys_are_opaque(store: Store) -> None:
     """A key that looks like another key's claim does not collide with it."""
     await store.create(make_meta("s1"), make_blobs(), ttl=60)
-    assert await store.claim_idempotency("s1", "a", ttl=60)
+    assert await store.claim_idempotency("s1", "a", ttl=60, token="t") is None
     rec = record("a:lock")
     await commit_next(store, "s1", None, idem=rec, idem_ttl=60)
     assert await store.get_idempotency("s1", "a:lock") == rec
-    assert await store.claim_idempotency("s1", "a", ttl=60) is False
+    assert await store.claim_idempotency("s1", "a", ttl=60, token="u") is not None
     for key in ("%3A", "{x}", "ü/é ?*[]"):
-        assert await store.claim_idempotency("s1", key, ttl=60)
+        assert await store.claim_idempotency("s1", key, ttl=60, token="t") is None
         await commit_next(store, "s1", None, idem=record(key), idem_ttl=60)
         assert await store.get_idempotency("s1", key) == record(key)
 
 
 async def test_idempotency_expiry(store: Store) -> None:
     await store.create(make_meta("s1"), make_blobs(), ttl=60)
-    assert await store.claim_idempotency("s1", "c", ttl=1)
+    assert await store.claim_idempotency("s1", "c", ttl=1, token="t") is None
     rec = record("r")
     await commit_next(store, "s1", None, idem=rec, idem_ttl=1)
     await commit_next(store, "s1", None, idem=record("long"), idem_ttl=60)
     assert await store.get_idempotency("s1", "r") == rec
-    assert await store.claim_idempotency("s1", "c", ttl=1) is False
+    assert await store.claim_idempotency("s1", "c", ttl=1, token="u") is not None
     await asyncio.sleep(1.2)
     assert await store.get_idempotency("s1", "r") is None
     assert await store.get_idempotency("s1", "long") == record("long")
-    assert await store.claim_idempotency("s1", "c", ttl=1) is True
+    assert await store.claim_idempotency("s1", "c", ttl=1, token="u") is None
+
+
+async def test_idempotency_lease_renewal(store: Store) -> None:
+    """A claim is a lease: its holder (and only its holder) renews it; once it lapses or
+    is released, renewing fails and another request may claim the key."""
+    await store.create(make_meta("s1"), make_blobs(), ttl=60)
+    assert await store.claim_idempotency("s1", "k", ttl=0.6, token="a") is None
+    for _ in range(3):  # renewed well past its first lease
+        await asyncio.sleep(0.3)
+        assert await store.renew_idempotency("s1", "k", "a", 0.6)
+        assert not await store.renew_idempotency("s1", "k", "b", 0.6)
+    left = await store.claim_idempotency("s1", "k", ttl=0.6, token="b")
+    assert left is not None and 0 < left <= 0.6
+    await asyncio.sleep(0.8)  # the holder stopped renewing (killed): the lease lapses
+    assert not await store.renew_idempotency("s1", "k", "a", 0.6)
+    assert await store.claim_idempotency("s1", "k", ttl=0.6, token="b") is None
+    await store.release_idempotency("s1", "k", "b")
+    assert not await store.renew_idempotency("s1", "k", "b", 0.6)
+    assert await store.claim_idempotency("s1", "k", ttl=60, token="c") is None
 
 
 # -- expiry ------------------------------------------------------------------------------

@@ -161,7 +161,7 @@ async def test_every_key_expires_with_the_session(
         history=b"e",
         history_limit=5,
     )
-    assert await redis_store.claim_idempotency(sid, "c", ttl=30)
+    assert await redis_store.claim_idempotency(sid, "c", ttl=30, token="t") is None
     for key in await session_keys(raw_redis, redis_store, sid):
         ttl = await raw_redis.ttl(key)
         if key.endswith(b":lock"):
@@ -313,7 +313,7 @@ async def test_outage_raises_store_unavailable_and_recovers(private_redis: Priva
             async with store.transaction("s1") as tx:
                 await tx.load()
         with pytest.raises(StoreUnavailable):
-            await store.claim_idempotency("s1", "k", ttl=60)
+            await store.claim_idempotency("s1", "k", ttl=60, token="t")
         with pytest.raises(StoreUnavailable):
             await store.get_idempotency("s1", "k")
         with pytest.raises(StoreUnavailable):
