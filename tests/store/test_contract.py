@@ -272,7 +272,8 @@ async def test_idempotency_claim_release_record(store: Store) -> None:
     assert await store.get_idempotency("s1", "k1") is None
     assert await store.claim_idempotency("s1", "k1", ttl=60, token="a") is None
     left = await store.claim_idempotency("s1", "k1", ttl=60, token="b")
-    assert left is not None and 55 < left <= 60  # held: the holder's lease has ~60 s left
+    assert left is not None
+    assert 55 < left <= 60
     assert await store.claim_idempotency("s1", "k2", ttl=60, token="b") is None
     assert await store.claim_idempotency("s2", "k1", ttl=60, token="b") is None
     await store.release_idempotency("s1", "k1", "b")  # not b's claim: left alone
@@ -329,7 +330,8 @@ async def test_idempotency_lease_renewal(store: Store) -> None:
         assert await store.renew_idempotency("s1", "k", "a", 0.6)
         assert not await store.renew_idempotency("s1", "k", "b", 0.6)
     left = await store.claim_idempotency("s1", "k", ttl=0.6, token="b")
-    assert left is not None and 0 < left <= 0.6
+    assert left is not None
+    assert 0 < left <= 0.6
     await asyncio.sleep(0.8)  # the holder stopped renewing (killed): the lease lapses
     assert not await store.renew_idempotency("s1", "k", "a", 0.6)
     assert await store.claim_idempotency("s1", "k", ttl=0.6, token="b") is None
