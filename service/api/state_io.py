@@ -28,7 +28,14 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from service.api import codecs
-from service.api.errors import Invalid, Loc, UnsupportedMediaType, field_error, invalid
+from service.api.errors import (
+    BadRequest,
+    Invalid,
+    Loc,
+    UnsupportedMediaType,
+    field_error,
+    invalid,
+)
 from service.api.federation import UPDATE_PREFIX
 from service.api.parsing import build_spec, validate_model
 from service.api.schemas import CreateSession
@@ -43,6 +50,8 @@ from service.api.stepping import ACC_SUM, current_lr, split_state
 from service.core import find_nonfinite, tensorfile
 from service.core.averaging import EMA_AVG, EMA_N, SWA_AVG, SWA_N
 from service.core.consistency import parse_consistency
+from service.core.errors import CoreError
+from service.core.federated import MAX_EXAMPLES
 from service.core.lr_finder import LRFinderState
 from service.core.state import OptState
 from service.store.base import SessionBlobs, SessionMeta
@@ -61,6 +70,23 @@ _SCALAR_DTYPES: dict[type, np.dtype[Any]] = {
 _SCALAR_TYPES = {dtype: kind for kind, dtype in _SCALAR_DTYPES.items()}
 _KIND_NAMES = {bool: "a flag (BOOL)", int: "an integer (I64)", float: "a real number (F64)"}
 _META = ["body", "__metadata__"]
+#: the largest counter (and integer of the JSON metadata) a file may hold: JSON clients
+#: in JavaScript read numbers as doubles, exact up to here
+MAX_SAFE_INT = 2**53 - 1
+#: digits of a counter: 16 hold MAX_SAFE_INT (9007199254740991)
+_COUNTER_DIGITS = 16
+#: the most dimensions a layout shape may have (NumPy's maximum)
+_MAX_DIMS = tensorfile.MAX_DIMS
+#: tensors of a file per tensor of the layout: params/<t> and the state/<key>/<t>
+#: arrays (the optimizer's and the session's own), with room to spare
+_TENSORS_PER_TENSOR = 16
+#: tensors of a file besides those: the scalar/<key> entries
+_EXTRA_TENSORS = 64
+#: header bytes a file may spend per tensor it may hold (entry, name, layout entry)
+_HEADER_BYTES_PER_TENSOR = 1024
+_HEADER_BYTES_BASE = 1024 * 1024
+#: how deep the JSON of spec, schedule state and `extra` may nest (they need a few levels)
+_MAX_DEPTH = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,11 +156,11 @@ def require_binary(content_type: str | None) -> None:
 def decode_session(body: bytes, limits: Limits, session: Spec | None = None) -> SessionFile:
     """A state file, validated (docs/state.md); `session`: the spec of the session a PUT
     replaces, which the file's configuration must match."""
-    tensors, metadata = codecs.load_binary(body)
+    tensors, metadata = _load(body, limits)
     found = metadata.get("format")
     if found != FORMAT:
         raise invalid(
-            [*_META, "format"], f"must be {FORMAT!r} (a session state file): got {found!r}"
+            [*_META, "format"], f"must be {FORMAT!r} (a session state file): got {_short(found)}"
         )
     spec = _parse_spec(metadata, limits)
     if session is not None:
@@ -143,6 +169,7 @@ def decode_session(body: bytes, limits: Limits, session: Spec | None = None) -> 
     step, version, skipped = (_counter(metadata, key) for key in ("step", "version", "skipped"))
     schedule_state = _schedule_state(spec, metadata, step)
     extra = _extra(spec, metadata)
+    _check_next_rate(spec, step, version, skipped, schedule_state, extra)
     params, state = _tensors(spec, tensors)
     _check_params(spec, params)
     _check_optimizer_state(spec, state)
@@ -170,17 +197,74 @@ def replaced_meta(meta: SessionMeta, file: SessionFile, now: float) -> SessionMe
     )
 
 
+def _load(body: bytes, limits: Limits) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The file's tensors and metadata, within what a session of `limits` can need (400
+    when it is not a safetensors file, as `codecs.load_binary` answers)."""
+    allowed = limits.max_tensors * _TENSORS_PER_TENSOR + _EXTRA_TENSORS
+    header_bytes = min(
+        tensorfile.MAX_HEADER_BYTES, _HEADER_BYTES_BASE + allowed * _HEADER_BYTES_PER_TENSOR
+    )
+    try:
+        return tensorfile.decode(body, max_header_bytes=header_bytes, max_tensors=allowed)
+    except tensorfile.TensorFileError as exc:
+        raise BadRequest(
+            f"the body is not a valid safetensors file: {exc}", [field_error(["body"], str(exc))]
+        ) from None
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """`repr(value)` for a message, shortened (a metadata string may be megabytes long; a
+    list or an object is named by its kind, not printed)."""
+    if isinstance(value, list):
+        return f"a list of {len(value)} items"
+    if isinstance(value, dict):
+        return f"an object of {len(value)} keys"
+    if isinstance(value, str) and len(value) > limit:
+        return repr(value[:limit]) + f" (+{len(value) - limit} characters)"
+    return repr(value)
+
+
 # --- the metadata ------------------------------------------------------------------------
 
 
-def _json(metadata: Mapping[str, str], key: str, default: Any = None) -> Any:
+def _json(metadata: Mapping[str, str], key: str, default: Any = None, ints: bool = True) -> Any:
+    """A metadata entry's JSON, nested at most `_MAX_DEPTH` levels and, with `ints`, with
+    every integer within +-MAX_SAFE_INT (`_check_json`)."""
     text = metadata.get(key)
     if text is None:
         return default
     try:
-        return orjson.loads(text)
+        value = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         raise invalid([*_META, key], f"must be JSON written as a string: {exc}") from None
+    _check_json(value, [*_META, key], ints)
+    return value
+
+
+def _check_json(value: Any, at: Loc, ints: bool = True) -> None:
+    """A JSON value nested at most `_MAX_DEPTH` levels (orjson reads 1024, deeper than
+    Python's repr, comparisons and validators recurse), and, with `ints`, every integer
+    within +-MAX_SAFE_INT (orjson reads integers up to 64 bits: a counter growing from
+    one could overflow what the store writes). Iterative, so any depth is checked."""
+    stack: list[tuple[Any, list[str | int]]] = [(value, [])]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, (dict, list)) and len(path) >= _MAX_DEPTH:
+            raise invalid([*at, *path], f"nests deeper than {_MAX_DEPTH} levels")
+        if isinstance(item, dict):
+            stack.extend((v, [*path, str(k)]) for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((v, [*path, i]) for i, v in enumerate(item))
+        elif ints and _is_int(item) and abs(item) > MAX_SAFE_INT:
+            raise invalid(
+                [*at, *path],
+                f"{item} is beyond +-(2**53 - 1) = {MAX_SAFE_INT}: JSON clients in "
+                "JavaScript read numbers as doubles, exact only up to there",
+            )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _counter(metadata: Mapping[str, str], key: str) -> int:
@@ -188,40 +272,76 @@ def _counter(metadata: Mapping[str, str], key: str) -> int:
     if text is None:
         raise invalid([*_META, key], "is required (an integer >= 0 written as a string)")
     if not (text.isascii() and text.isdigit()):
-        raise invalid([*_META, key], f"must be an integer >= 0 written as a string: {text!r}")
-    return int(text)
+        msg = f"must be an integer >= 0 written as a string (decimal digits): {_short(text)}"
+        raise invalid([*_META, key], msg)
+    if len(text) > _COUNTER_DIGITS:
+        raise invalid(
+            [*_META, key],
+            f"has {len(text)} digits: at most {_COUNTER_DIGITS} (a counter is at most 2**53 - 1 "
+            f"= {MAX_SAFE_INT}, the largest integer JSON clients in JavaScript read exactly "
+            "as doubles)",
+        )
+    value = int(text)  # at most 16 ASCII digits: safe and quick
+    if value > MAX_SAFE_INT:
+        raise invalid(
+            [*_META, key],
+            f"must be at most 2**53 - 1 = {MAX_SAFE_INT} (JSON clients in JavaScript read "
+            f"numbers as doubles, exact only up to there): got {value}",
+        )
+    return value
 
 
 def _parse_spec(metadata: Mapping[str, str], limits: Limits) -> Spec:
     """The file's spec, checked as a creation request is (same rules and limits)."""
     at = [*_META, "spec"]
-    data = _json(metadata, "spec")
+    data = _json(metadata, "spec", ints=False)  # the layout's are checked first, by _layout
     if not isinstance(data, dict):
         raise invalid(at, "is required: the session's configuration as a JSON object")
     if data.get("format", SPEC_FORMAT) != SPEC_FORMAT:
-        raise invalid([*at, "format"], f"must be {SPEC_FORMAT}: got {data['format']!r}")
+        raise invalid([*at, "format"], f"must be {SPEC_FORMAT}: got {_short(data['format'])}")
     for key in ("optimizer", "dtype", "layout"):
         if key not in data:
             raise invalid([*at, key], "is required")
-    shapes = _layout(data["layout"], [*at, "layout"])
+    shapes = _layout(data["layout"], [*at, "layout"], limits)
+    _check_json(data, at)
     fields = {k: v for k, v in data.items() if k not in ("format", "layout") and v is not None}
     default = parse_consistency(None).model_dump(mode="json")
     if fields.get("federated") is not None and fields.get("consistency") == default:
         del fields["consistency"]  # what a federated session stores; not given at creation
     # the layout's tensors as zero-memory arrays of their shapes (build_spec reads shapes)
-    stand_ins = {name: np.broadcast_to(np.zeros((), np.float32), shape) for name, shape in shapes}
+    stand_ins: dict[str, np.ndarray] = {}
+    for i, (name, shape) in enumerate(shapes):
+        try:
+            stand_ins[name] = np.broadcast_to(np.zeros((), np.float32), shape)
+        except (ValueError, TypeError, OverflowError) as exc:  # _layout checked; a safety net
+            raise invalid(
+                [*at, "layout", i], f"shape {list(shape)} cannot be made: {exc}"
+            ) from None
     try:
         request = validate_model(CreateSession, {**fields, "params": {}})
-        return build_spec(request, stand_ins, limits)
+        spec = build_spec(request, stand_ins, limits)
     except Invalid as exc:
         raise _under(exc, at) from None
+    except CoreError as exc:  # what build_spec does not name itself: still a 422 here
+        raise invalid(at, f"not a valid configuration: {exc}") from None
+    _check_json(spec.stored(), at)  # what is stored: no integer a float became (1e30)
+    return spec
 
 
-def _layout(data: Any, at: Loc) -> list[tuple[str, tuple[int, ...]]]:
+def _layout(data: Any, at: Loc, limits: Limits) -> list[tuple[str, tuple[int, ...]]]:
+    """The layout's `(name, shape)` pairs, within `limits` and what NumPy can shape: the
+    sizes are Python integers here, checked before any NumPy call."""
     if not isinstance(data, list):
         raise invalid(at, "must be a list of [name, shape] pairs")
+    if len(data) > limits.max_tensors:
+        raise invalid(
+            [*at, limits.max_tensors],
+            f"{len(data)} tensors, over this server's limit of {limits.max_tensors}",
+        )
     shapes: list[tuple[str, tuple[int, ...]]] = []
     seen: set[str] = set()
+    total = 0
+    over: int | None = None  # the entry whose tensor takes the total past max_params
     for i, entry in enumerate(data):
         ok = isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
         dims = entry[1] if ok else None
@@ -230,11 +350,40 @@ def _layout(data: Any, at: Loc) -> list[tuple[str, tuple[int, ...]]]:
             and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims)
         ):
             raise invalid([*at, i], "must be [name, shape]: a string and a list of integers >= 0")
+        if len(dims) > _MAX_DIMS:
+            raise invalid(
+                [*at, i], f"has {len(dims)} dimensions, more than the {_MAX_DIMS} NumPy allows"
+            )
+        count = 1
+        extent = 8  # bytes NumPy must address for the non-zero dims, at the widest dtype
+        for d in dims:
+            if d >= 2**63:
+                raise invalid([*at, i], f"dimension {d} is not below 2**63")
+            count *= d
+            extent *= d or 1
+        if extent >= 2**63:
+            raise invalid(
+                [*at, i],
+                f"shape {dims} is too large for NumPy (its non-zero dimensions must span "
+                "fewer than 2**63 bytes)",
+            )
+        total += count
+        if total > limits.max_params and over is None:
+            over = i
         name = entry[0]
         if name in seen:
-            raise invalid([*at, i], f"tensor {name!r} is named twice")
+            raise invalid([*at, i], f"tensor {_short(name)} is named twice")
         seen.add(name)
         shapes.append((name, tuple(dims)))
+    if over is not None:  # as a creation says it (at the layout), and the tensor at fault
+        msg = f"{total} parameters in all, over this server's limit of {limits.max_params}"
+        raise Invalid(
+            f"spec: layout: {msg}",
+            [
+                field_error(at, msg),
+                field_error([*at, over], f"brings the parameters past {limits.max_params}"),
+            ],
+        )
     return shapes
 
 
@@ -266,7 +415,7 @@ def _check_same_configuration(session: Spec, file: Spec) -> None:
             )
     for name in theirs:
         if name not in mine:
-            raise invalid(["body", PARAMS + name], f"the session has no tensor {name!r}")
+            raise invalid(["body", PARAMS + name], f"the session has no tensor {_short(name)}")
     ours, given = session.stored(), file.stored()
     for key, value in ours.items():
         if key != "layout" and given.get(key) != value:
@@ -298,13 +447,50 @@ def _schedule_state(spec: Spec, metadata: Mapping[str, str], step: int) -> dict[
         if kind is float and type(value) is int:
             value = float(value)
         if type(value) is not kind:
-            raise invalid([*at, key], f"must be {_KIND_NAMES[kind]}: got {value!r}")
+            raise invalid([*at, key], f"must be {_KIND_NAMES[kind]}: got {_short(value)}")
         state[key] = value
     decoded = decode_schedule_state(encode_schedule_state(state))
-    rate = spec.lr(step, decoded)
+    try:
+        rate = spec.lr(step, decoded)
+    except (ArithmeticError, ValueError) as exc:  # OverflowError, a math domain error
+        raise invalid(at, f"gives no rate for the next step: {exc}") from None
     if not (math.isfinite(rate) and rate >= 0):
         raise invalid(at, f"gives the rate {rate} for the next step, not a finite number >= 0")
     return encode_schedule_state(state)
+
+
+def _check_next_rate(
+    spec: Spec,
+    step: int,
+    version: int,
+    skipped: int,
+    schedule_state: dict[str, Any] | None,
+    extra: dict[str, Any],
+) -> None:
+    """The rate of the next step, as the session document reports it (`current_lr`),
+    can be computed at the file's `step`: a schedule whose rate overflows there (a
+    `gamma` above 1 raised to a large step) is refused here, not met as an error later."""
+    meta = SessionMeta(
+        id="",
+        tenant="",
+        version=0,
+        step=step,
+        spec={},
+        schedule_state=schedule_state,
+        skipped=skipped,
+        extra=extra,
+        params_version=version,
+    )
+    try:
+        rate = current_lr(spec, meta)
+    except (ArithmeticError, ValueError) as exc:  # OverflowError, a math domain error
+        raise invalid(
+            [*_META, "step"], f"the schedule gives no rate for the step after {step}: {exc}"
+        ) from None
+    if not math.isfinite(rate):
+        raise invalid(
+            [*_META, "step"], f"the schedule gives the rate {rate} for the step after {step}"
+        )
 
 
 class _Pending(BaseModel):
@@ -340,8 +526,8 @@ class _Round(BaseModel):
             raise ValueError("clients, num_examples and metrics must have the same length")
         if len(set(self.clients)) != len(self.clients):
             raise ValueError("a client is listed twice")
-        if any(n < 1 for n in self.num_examples):
-            raise ValueError("num_examples must be >= 1")
+        if any(not 1 <= n <= MAX_EXAMPLES for n in self.num_examples):
+            raise ValueError(f"num_examples must be from 1 to {MAX_EXAMPLES}")
         return self
 
 
@@ -410,13 +596,15 @@ def _tensors(spec: Spec, tensors: Mapping[str, np.ndarray]) -> tuple[np.ndarray,
     state = OptState({k: _flatten(spec, v, f"{STATE}{k}/") for k, v in arrays.items()}, scalars)
     clash = sorted(set(state.arrays) & set(state.scalars))
     if clash:
-        raise invalid(["body", SCALAR + clash[0]], f"{clash[0]!r} is both an array and a scalar")
+        raise invalid(
+            ["body", SCALAR + clash[0]], f"{_short(clash[0])} is both an array and a scalar"
+        )
     return flat, state
 
 
 def _array(spec: Spec, tensor: str, value: np.ndarray, at: Loc) -> np.ndarray:
     if tensor not in spec.layout:
-        raise invalid(at, f"the session's layout has no tensor {tensor!r}")
+        raise invalid(at, f"the session's layout has no tensor {_short(tensor)}")
     shape = spec.layout[tensor].shape
     if value.dtype != spec.dtype:
         raise invalid(at, f"must be {spec.dtype.name} (the session's dtype), not {value.dtype}")
@@ -470,7 +658,8 @@ def _check_optimizer_state(spec: Spec, state: OptState) -> None:
     for key in sorted(opt.arrays):
         if key not in allowed:
             raise invalid(
-                _first(spec, key), f"{optimizer.name} keeps no {key!r} (it keeps {sorted(allowed)})"
+                _first(spec, key),
+                f"{optimizer.name} keeps no {_short(key)} (it keeps {sorted(allowed)})",
             )
         _check_finite(spec, opt.arrays[key], f"{STATE}{key}/", "optimizer state")
     expected = optimizer.initial_scalars(hp)
@@ -479,15 +668,15 @@ def _check_optimizer_state(spec: Spec, state: OptState) -> None:
             raise invalid(["body", SCALAR + key], f"missing: {optimizer.name} keeps {key!r}")
         _check_scalar(key, opt.scalars[key], type(want))
     for key in sorted(set(opt.scalars) - set(expected)):
-        raise invalid(["body", SCALAR + key], f"{optimizer.name} keeps no scalar {key!r}")
+        raise invalid(["body", SCALAR + key], f"{optimizer.name} keeps no scalar {_short(key)}")
 
 
 def _check_scalar(key: str, value: float | int | bool, kind: type) -> None:
     at = ["body", SCALAR + key]
     if type(value) is not kind:
         raise invalid(at, f"must be {_KIND_NAMES[kind]}: got {value!r}")
-    if kind is int and int(value) < 0:
-        raise invalid(at, f"must be >= 0: got {value}")
+    if kind is int and not 0 <= int(value) <= MAX_SAFE_INT:
+        raise invalid(at, f"must be in [0, 2**53 - 1 = {MAX_SAFE_INT}]: got {value}")
     if kind is float and not math.isfinite(value):
         raise invalid(at, f"must be finite: got {value}")
 
@@ -537,9 +726,11 @@ def _check_own_state(
             raise invalid(_first(spec, f"{UPDATE_PREFIX}{i}"), "missing: a client's update")
         _check_finite(spec, update, f"{STATE}{UPDATE_PREFIX}{i}/", "an update")
     for key in sorted(arrays):
-        raise invalid(_first(spec, key), f"{key!r} is not kept by a session of this configuration")
+        raise invalid(
+            _first(spec, key), f"{_short(key)} is not kept by a session of this configuration"
+        )
     for key in sorted(scalars):
-        raise invalid(["body", SCALAR + key], f"{key!r} is not kept by this configuration")
+        raise invalid(["body", SCALAR + key], f"{_short(key)} is not kept by this configuration")
 
 
 __all__ = [

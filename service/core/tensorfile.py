@@ -23,7 +23,7 @@ import numpy.typing as npt
 from clients import tensorfile as _codec
 from clients.tensorfile import _CODES as _CODES  # the dtype tables, for tests and tools
 from clients.tensorfile import _DTYPES as _DTYPES
-from clients.tensorfile import MAX_HEADER_BYTES
+from clients.tensorfile import MAX_DIMS, MAX_HEADER_BYTES, MAX_INT_DIGITS
 from service.core.errors import CoreError
 
 
@@ -41,15 +41,23 @@ def encode(
         raise TensorFileError(*exc.args) from exc
 
 
-def decode(buffer: bytes | bytearray | memoryview) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def decode(
+    buffer: bytes | bytearray | memoryview,
+    *,
+    max_header_bytes: int = MAX_HEADER_BYTES,
+    max_tensors: int | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Parse safetensors bytes into `(tensors, metadata)`.
 
-    Arrays are read-only views of `buffer` where alignment allows (no copy).
+    Arrays are read-only views of `buffer` where alignment allows (no copy). Any input
+    either decodes or raises `TensorFileError` (a header over `max_header_bytes`, more
+    tensors than `max_tensors` when given, and every malformation `clients.tensorfile`
+    refuses).
     """
     try:
-        return _codec.decode(buffer)
+        return _codec.decode(buffer, max_header_bytes=max_header_bytes, max_tensors=max_tensors)
     except _codec.TensorFileError as exc:
         raise TensorFileError(*exc.args) from exc
 
 
-__all__ = ["MAX_HEADER_BYTES", "TensorFileError", "decode", "encode"]
+__all__ = ["MAX_DIMS", "MAX_HEADER_BYTES", "MAX_INT_DIGITS", "TensorFileError", "decode", "encode"]
