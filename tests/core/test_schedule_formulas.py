@@ -242,6 +242,11 @@ def tf_noisy_linear_cosine_decay(
     return learning_rate * noisy_linear_cosine_decayed
 
 
+def clamped_noisy_linear_cosine_decay(learning_rate: float, global_step: int, *args: Any) -> float:
+    """Ours: TF's rate clamped at 0 (a deliberate deviation: a negative rate steps uphill)."""
+    return max(0.0, tf_noisy_linear_cosine_decay(learning_rate, global_step, *args))
+
+
 # --- the cases ------------------------------------------------------------------------
 
 # (our spec, TF reference as a function of (initial rate, step), base lr)
@@ -443,7 +448,7 @@ CASES: list[tuple[dict[str, Any], Ref, float]] = [
     # noisy_linear_cosine_decay (the same documented noise draws on both sides)
     (
         {"name": "noisy_linear_cosine_decay", "decay_steps": 1000},
-        lambda lr, t: tf_noisy_linear_cosine_decay(lr, t, 1000),
+        lambda lr, t: clamped_noisy_linear_cosine_decay(lr, t, 1000),
         0.1,
     ),
     (
@@ -457,12 +462,14 @@ CASES: list[tuple[dict[str, Any], Ref, float]] = [
             "beta": 0.01,
             "seed": 12345,
         },
-        lambda lr, t: tf_noisy_linear_cosine_decay(lr, t, 1500, 0.01, 1.0, 2.5, 0.1, 0.01, 12345),
+        lambda lr, t: clamped_noisy_linear_cosine_decay(
+            lr, t, 1500, 0.01, 1.0, 2.5, 0.1, 0.01, 12345
+        ),
         0.2,
     ),
     (
         {"name": "noisy_linear_cosine_decay", "decay_steps": 600, "num_periods": 1.0, "seed": 7},
-        lambda lr, t: tf_noisy_linear_cosine_decay(lr, t, 600, 1.0, 0.55, 1.0, 0.0, 0.001, 7),
+        lambda lr, t: clamped_noisy_linear_cosine_decay(lr, t, 600, 1.0, 0.55, 1.0, 0.0, 0.001, 7),
         0.05,
     ),
 ]
@@ -741,15 +748,17 @@ def test_noisy_noise_has_mean_zero_and_tf_variance(t: int) -> None:
 
     eps_t is read back from the rate itself: eps = (lr/base - beta)/cos - alpha - linear.
     Mean: |mean| <= Z * sigma / sqrt(N). Variance (mean 0 known): E[eps^2] = sigma^2 with
-    standard error sigma^2 * sqrt(2 / N) for a Gaussian.
+    standard error sigma^2 * sqrt(2 / N) for a Gaussian. alpha 10 keeps every rate above
+    the clamp at 0 (a draw would need to be 15 sigma below), so the rate carries the draw.
     """
     base_lr = 0.1
-    alpha, beta, t_max = NOISY["alpha"], NOISY["beta"], NOISY["decay_steps"]
+    spec = {**NOISY, "alpha": 10.0}
+    alpha, beta, t_max = spec["alpha"], spec["beta"], spec["decay_steps"]
     linear = (t_max - t) / t_max
     cos_part = 0.5 * (1 + math.cos(math.pi * t / t_max))
     eps = np.empty(N_SEEDS)
     for seed in range(N_SEEDS):
-        s = noisy({**NOISY, "seed": seed})
+        s = noisy({**spec, "seed": seed})
         eps[seed] = (s.lr(t, base_lr) / base_lr - beta) / cos_part - alpha - linear
         if seed < 50:
             assert eps[seed] == pytest.approx(s.noise(t), abs=1e-9)
@@ -757,6 +766,28 @@ def test_noisy_noise_has_mean_zero_and_tf_variance(t: int) -> None:
     sigma = math.sqrt(var)
     assert abs(eps.mean()) <= Z * sigma / math.sqrt(N_SEEDS), (eps.mean(), sigma)
     assert abs(np.mean(eps**2) - var) <= Z * var * math.sqrt(2 / N_SEEDS), (np.mean(eps**2), var)
+
+
+def test_noisy_rate_is_clamped_at_zero() -> None:
+    """Where TF's rate is negative (a large negative draw), ours is exactly 0."""
+    spec = {"name": "noisy_linear_cosine_decay", "decay_steps": 1000}  # TF's defaults
+    seed = next(s for s in range(1000) if standard_normal(s, 0) < -2.0)
+    assert tf_noisy_linear_cosine_decay(0.1, 0, 1000, seed=seed) < -0.09  # TF: uphill
+    s = noisy({**spec, "seed": seed})
+    assert s.lr(0, 0.1) == 0.0
+    assert math.copysign(1.0, s.lr(0, 0.1)) == 1.0  # +0.0, not -0.0
+    # and where TF's rate is positive, ours is TF's
+    up = next(s for s in range(1000) if standard_normal(s, 0) > 0.5)
+    ours = noisy({**spec, "seed": up}).lr(0, 0.1)
+    assert ours == pytest.approx(tf_noisy_linear_cosine_decay(0.1, 0, 1000, seed=up), rel=1e-15)
+    # over many seeds and steps: never negative, and 0 exactly where TF is <= 0
+    for seed in range(50):
+        s = noisy({**spec, "seed": seed})
+        for t in range(0, 1200, 37):
+            tf = tf_noisy_linear_cosine_decay(0.1, t, 1000, seed=seed)
+            assert s.lr(t, 0.1) >= 0.0
+            if tf <= 0.0:
+                assert s.lr(t, 0.1) == 0.0
 
 
 def test_noisy_noise_is_independent_across_steps() -> None:

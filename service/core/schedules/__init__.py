@@ -3,6 +3,10 @@
 >>> s = parse_schedule({"name": "step", "step_size": 30, "gamma": 0.1})
 >>> s.lr(45, base_lr=0.1)
 0.010000000000000002
+
+A spec from a client goes through `parse_schedule` (which enforces the caps of
+limits.py on the raw data first) and then `check_rates(schedule, base_lr)` (bounds.py),
+which refuses a schedule whose rate is not finite at some step it can reach.
 """
 
 from __future__ import annotations
@@ -13,9 +17,16 @@ from typing import Annotated, Any
 from pydantic import Field, TypeAdapter, ValidationError
 
 from service.core.errors import ScheduleError
-from service.core.schedules.base import Schedule, ScheduleState, Warmup
+from service.core.schedules.base import MAX_STEP, Schedule, ScheduleState, Warmup
+from service.core.schedules.bounds import check_rates
 from service.core.schedules.cosine import CosineRestartsSchedule, CosineSchedule
 from service.core.schedules.cyclic import CyclicSchedule, OneCycleSchedule
+from service.core.schedules.limits import (
+    MAX_SCHEDULE_DEPTH,
+    MAX_SCHEDULE_LIST,
+    MAX_SCHEDULE_NODES,
+    check_limits,
+)
 from service.core.schedules.linear import LinearSchedule, PolynomialSchedule
 from service.core.schedules.plateau import PlateauSchedule
 from service.core.schedules.sequential import SequentialSchedule
@@ -100,8 +111,17 @@ _ADAPTER: TypeAdapter[Schedule] = TypeAdapter(ScheduleSpec)
 def parse_schedule(data: Mapping[str, Any]) -> Schedule:
     """Validate a schedule spec (`{"name": ..., parameters...}`), defaults filled.
 
-    Raises ScheduleError naming each field at fault.
+    Raises ScheduleError naming each field at fault, and only ScheduleError, whatever
+    `data` is. Before anything is built the raw data is held to the caps
+    (`MAX_SCHEDULE_DEPTH` nested sequential levels, `MAX_SCHEDULE_NODES` schedules,
+    `MAX_SCHEDULE_LIST` list elements; limits.py), so validation and every later step
+    cost O(size of an accepted spec). Whether its rates stay finite depends on the
+    optimizer's lr: `check_rates`.
     """
+    if not isinstance(data, Mapping):
+        raise ScheduleError(
+            [{"loc": (), "msg": f"a schedule spec must be an object: got {type(data).__name__}"}]
+        )
     name = data.get("name")
     if not isinstance(name, str):
         raise ScheduleError([{"loc": ("name",), "msg": "schedule name is required"}])
@@ -110,6 +130,7 @@ def parse_schedule(data: Mapping[str, Any]) -> Schedule:
         raise ScheduleError(
             [{"loc": ("name",), "msg": f"unknown schedule {name!r}; known: {known}"}]
         )
+    check_limits(data)
     try:
         return _ADAPTER.validate_python(dict(data))
     except ValidationError as exc:
@@ -129,4 +150,16 @@ def _field_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     )
 
 
-__all__ = ["SCHEDULES", "Schedule", "ScheduleSpec", "ScheduleState", "Warmup", "parse_schedule"]
+__all__ = [
+    "MAX_SCHEDULE_DEPTH",
+    "MAX_SCHEDULE_LIST",
+    "MAX_SCHEDULE_NODES",
+    "MAX_STEP",
+    "SCHEDULES",
+    "Schedule",
+    "ScheduleSpec",
+    "ScheduleState",
+    "Warmup",
+    "check_rates",
+    "parse_schedule",
+]

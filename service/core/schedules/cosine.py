@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import ClassVar, Literal
 
-from service.core.schedules.base import Schedule, ScheduleState
-from service.core.validators import NonNeg, PositiveInt
+from service.core.schedules.base import Schedule, ScheduleState, StepCount, clamp
+from service.core.validators import NonNeg
 
 
 class CosineSchedule(Schedule):
@@ -46,10 +46,17 @@ class CosineSchedule(Schedule):
     base_lr 0.1; 2.2e-11 at T_max 1,500, eta_min 0.099; 3,000 steps). For
     ``T_max <= 500`` it stayed below 1e-12 (worst 8e-13) in every case we tried, and with
     ``eta_min = 0`` below 5e-15 (T_max up to 1,500).
+
+    Bounded rate: the rate is kept within ``[min(base_lr, eta_min), max(base_lr, eta_min)]``
+    (the formula's range; this moves a rate by a few ulps at most where rounding strays
+    out of it, and keeps far-away steps sane, where ``pi * t / T_max`` has lost its
+    precision), so its peak is ``max(base_lr, eta_min)``. When ``T_max`` is so large that
+    ``1 - cos(pi / T_max)`` rounds to 0 (torch would divide by zero after the first
+    trough), the steps after it take the SGDR formula above.
     """
 
     name: Literal["cosine"] = "cosine"
-    T_max: PositiveInt
+    T_max: StepCount
     eta_min: NonNeg = 0.0
     reference: ClassVar[str] = "torch.optim.lr_scheduler.CosineAnnealingLR"
 
@@ -63,12 +70,20 @@ class CosineSchedule(Schedule):
         else:
             k = (t - period - 1) // (2 * period)
             start = period + 1 + 2 * period * k
-            at_start = (
-                self.eta_min + (base_lr - self.eta_min) * (1 - math.cos(math.pi / period)) / 2
+            # (d * y) / 2 as d * (y / 2): the same number, without overflowing d * y
+            at_start = self.eta_min + (base_lr - self.eta_min) * (
+                (1 - math.cos(math.pi / period)) / 2
             )
+        lo, hi = min(base_lr, self.eta_min), max(base_lr, self.eta_min)
         if t == start:
-            return at_start
-        return self.eta_min + self._c(t) / self._c(start) * (at_start - self.eta_min)
+            return clamp(at_start, lo, hi)
+        c_start = self._c(start)
+        if c_start == 0.0:  # 1 - cos(pi / T_max) rounds to 0: the SGDR formula instead
+            return clamp(self.eta_min + (base_lr - self.eta_min) * (self._c(t) / 2), lo, hi)
+        return clamp(self.eta_min + self._c(t) / c_start * (at_start - self.eta_min), lo, hi)
+
+    def value_peak(self, base_lr: float, steps: int | None) -> float:
+        return base_lr if steps == 1 else max(base_lr, self.eta_min)
 
 
 class CosineRestartsSchedule(Schedule):
@@ -90,11 +105,15 @@ class CosineRestartsSchedule(Schedule):
     ``torch.optim.lr_scheduler.CosineAnnealingWarmRestarts`` over 1,000 steps (T_0 1 to
     50, T_mult 1, 2 and 3, eta_min 0 and > 0), relative error <= 1e-12 (in fact bit-identical: the
     formula is torch's).
+
+    Bounded rate: peak ``max(base_lr, eta_min)`` (the rate at a restart, or the floor it
+    approaches). ``restart`` takes O(log t) steps for T_mult > 1 (the restart lengths
+    grow geometrically), and O(1) for T_mult 1.
     """
 
     name: Literal["cosine_restarts"] = "cosine_restarts"
-    T_0: PositiveInt
-    T_mult: PositiveInt = 1
+    T_0: StepCount
+    T_mult: StepCount = 1
     eta_min: NonNeg = 0.0
     reference: ClassVar[str] = "torch.optim.lr_scheduler.CosineAnnealingWarmRestarts"
 
@@ -110,4 +129,10 @@ class CosineRestartsSchedule(Schedule):
 
     def value(self, t: int, base_lr: float, state: ScheduleState | None) -> float:
         t_cur, t_i = self.restart(t)
-        return self.eta_min + (base_lr - self.eta_min) * (1 + math.cos(math.pi * t_cur / t_i)) / 2
+        # torch's (d * (1 + cos)) / 2 as d * ((1 + cos) / 2): the same number (halving is
+        # exact), without overflowing when |d| is past half the float range
+        return self.eta_min + (base_lr - self.eta_min) * ((1 + math.cos(math.pi * t_cur / t_i)) / 2)
+
+    def value_peak(self, base_lr: float, steps: int | None) -> float:
+        at_restart = self.value(0, base_lr, None)
+        return at_restart if steps == 1 else max(at_restart, self.eta_min)

@@ -14,8 +14,17 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from service.core.schedules.base import Schedule, ScheduleState
-from service.core.validators import NonNeg, NonNegInt, PositiveInt, UnitInterval, interval
+from service.core.schedules.base import (
+    Loc,
+    Schedule,
+    ScheduleState,
+    StepCount,
+    StepIndex,
+    clamp,
+    num,
+    safe_pow,
+)
+from service.core.validators import NonNeg, UnitInterval, interval
 
 #: a momentum or beta1 a schedule may write: torch's Adam needs beta1 in [0, 1)
 Momentum = Annotated[float, interval(0.0, 1.0, hi_open=True)]
@@ -65,13 +74,19 @@ class CyclicSchedule(Schedule):
     Where we differ: no custom ``scale_fn`` (a spec is data, not a closure); one
     base_lr / max_lr / momentum pair for all tensors (no per-param-group lists);
     gamma must be in [0, 1] and the momenta in [0, 1) (torch checks neither).
+
+    Bounded rate: the rate stays between base_lr and max_lr (peak ``max(base_lr,
+    max_lr)``): ``exp_range`` with a gamma above 1 would grow without bound, hence the
+    [0, 1] range. ``triangular2``'s ``2 ** (cycle - 1)`` is taken as inf once it
+    overflows (scale 0) instead of raising. The cycled momentum is kept within
+    ``[min, max]`` of the two momenta (at most an ulp's change), so it stays in [0, 1).
     """
 
     name: Literal["cyclic"] = "cyclic"
     base_lr: NonNeg
     max_lr: NonNeg
-    step_size_up: PositiveInt = 2000
-    step_size_down: NonNegInt | None = None
+    step_size_up: StepCount = 2000
+    step_size_down: StepIndex | None = None
     mode: CyclicMode = "triangular"
     gamma: UnitInterval = 1.0
     scale_mode: ScaleMode | None = Field(default=None, validate_default=True)
@@ -105,9 +120,9 @@ class CyclicSchedule(Schedule):
         if self.mode == "triangular":
             scale = 1.0
         elif self.mode == "triangular2":
-            scale = 1 / (2.0 ** (cycle - 1))
+            scale = 1 / safe_pow(2.0, cycle - 1)  # 0 once 2 ** (cycle - 1) overflows
         else:
-            scale = self.gamma**t
+            scale = safe_pow(self.gamma, t)
         return factor, scale
 
     def value(self, t: int, base_lr: float, state: ScheduleState | None) -> float:
@@ -120,7 +135,19 @@ class CyclicSchedule(Schedule):
             return None
         factor, scale = self._factor_and_scale(t)
         base_height = (self.max_momentum - self.base_momentum) * factor
-        return self.max_momentum - base_height * scale
+        lo, hi = sorted((self.base_momentum, self.max_momentum))
+        return clamp(self.max_momentum - base_height * scale, lo, hi)
+
+    @property
+    def cycles_momentum(self) -> bool:
+        return self.cycle_momentum
+
+    def value_peak(self, base_lr: float, steps: int | None) -> float:
+        if self.mode == "exp_range" and self.gamma > 1.0:  # refused by the spec; for safety
+            return math.inf
+        if self.max_lr >= self.base_lr:  # f * scale <= 1
+            return self.base_lr + (self.max_lr - self.base_lr) * 1.0 * 1.0
+        return self.base_lr  # f * scale >= 0 takes the rate down from base_lr
 
 
 class OneCycleSchedule(Schedule):
@@ -166,13 +193,19 @@ class OneCycleSchedule(Schedule):
     Where we differ: refused where torch would divide by zero at step 0
     (``pct_start * total_steps`` exactly 1: a first phase of no steps); one max_lr and
     momentum pair for all tensors; the momenta must be in [0, 1).
+
+    Bounded rate: each phase's rate (and momentum) is kept between the two values it
+    anneals between (at most an ulp's change where rounding strays), so the peak is the
+    largest of ``max_lr / div_factor``, ``max_lr`` and the final rate over the phases the
+    steps reach; ``check_rates`` refuses a ``div_factor`` or ``final_div_factor`` so small
+    that one of them overflows. The momentum stays in [0, 1).
     """
 
     name: Literal["one_cycle"] = "one_cycle"
     max_lr: NonNeg
-    total_steps: PositiveInt | None = None
-    epochs: PositiveInt | None = None
-    steps_per_epoch: PositiveInt | None = Field(default=None, validate_default=True)
+    total_steps: StepCount | None = None
+    epochs: StepCount | None = None
+    steps_per_epoch: StepCount | None = Field(default=None, validate_default=True)
     pct_start: UnitInterval = 0.3
     anneal_strategy: Literal["cos", "linear"] = "cos"
     cycle_momentum: bool = True
@@ -234,20 +267,26 @@ class OneCycleSchedule(Schedule):
     def _anneal(self, start: float, end: float, pct: float) -> float:
         if self.anneal_strategy == "cos":
             cos_out = math.cos(math.pi * pct) + 1
-            return end + (start - end) / 2.0 * cos_out
-        return (end - start) * pct + start
+            value = end + (start - end) / 2.0 * cos_out
+        else:
+            value = (end - start) * pct + start
+        return clamp(value, min(start, end), max(start, end))
 
-    def _at(self, t: int) -> tuple[float, float]:
-        """(lr, momentum) at step t, t clamped to the last step of the cycle."""
-        step_num = min(t, self.steps - 1)
+    def _ends(self) -> dict[str, float]:
+        """The rates and momenta the phases anneal between."""
         initial = self.max_lr / self.div_factor
-        ends = {
+        return {
             "initial": initial,
             "max": self.max_lr,
             "min": initial / self.final_div_factor,
             "max_m": self.max_momentum,
             "base_m": self.base_momentum,
         }
+
+    def _at(self, t: int) -> tuple[float, float]:
+        """(lr, momentum) at step t, t clamped to the last step of the cycle."""
+        step_num = min(t, self.steps - 1)
+        ends = self._ends()
         phases = self._phases()
         start_step = 0.0
         for i, (end_step, lr0, lr1, m0, m1) in enumerate(phases):
@@ -265,6 +304,37 @@ class OneCycleSchedule(Schedule):
 
     def momentum_value(self, t: int) -> float | None:
         return self._at(t)[1] if self.cycle_momentum else None
+
+    @property
+    def cycles_momentum(self) -> bool:
+        return self.cycle_momentum
+
+    def value_peak(self, base_lr: float, steps: int | None) -> float:
+        # the largest end of every phase some step in 0 .. steps - 1 falls in (a phase
+        # covers the steps after every earlier phase's end, up to its own end)
+        n = self.steps if steps is None else min(steps, self.steps)
+        ends = self._ends()
+        phases = self._phases()
+        best, previous = 0.0, -math.inf
+        for i, (end_step, lr0, lr1, _, _) in enumerate(phases):
+            first = 0 if i == 0 else max(0, math.floor(previous) + 1)
+            last = n - 1 if i == len(phases) - 1 else min(math.floor(end_step), n - 1)
+            if first <= last:
+                best = max(best, ends[lr0], ends[lr1])
+            previous = max(previous, end_step)
+        return best
+
+    def value_problem(self, base_lr: float, steps: int | None, offset: int) -> tuple[Loc, str]:
+        ends = self._ends()
+        if not math.isfinite(ends["initial"]):
+            return ("div_factor",), (
+                f"the initial rate max_lr / div_factor ({num(self.max_lr)} / "
+                f"{num(self.div_factor)}) overflows to infinity"
+            )
+        return ("final_div_factor",), (
+            f"the final rate max_lr / div_factor / final_div_factor ({num(self.max_lr)} / "
+            f"{num(self.div_factor)} / {num(self.final_div_factor)}) overflows to infinity"
+        )
 
 
 def _total_steps(total_steps: object, epochs: object, steps_per_epoch: object) -> int | None:

@@ -50,6 +50,9 @@ class PlateauSchedule(Schedule):
     Where we differ: one ``min_lr`` for all tensors (no per-param-group list); the
     deprecated ``epoch`` argument of torch's ``step`` does not exist. Like torch, a NaN
     loss is never "better" and counts as a bad epoch.
+
+    Bounded rate: the rate starts at ``base_lr`` and only goes down, so its peak is
+    ``max(base_lr, min_lr)``.
     """
 
     name: Literal["plateau"] = "plateau"
@@ -77,6 +80,10 @@ class PlateauSchedule(Schedule):
         if state is None:
             return base_lr
         return float(state["lr"])
+
+    def value_peak(self, base_lr: float, steps: int | None) -> float:
+        # the rate starts at base_lr and `observe` only lowers it (never below min_lr)
+        return max(base_lr, self.min_lr)
 
     def is_better(self, a: float, best: float) -> bool:
         """Whether metric ``a`` improves on ``best`` by more than the threshold."""

@@ -8,14 +8,15 @@ type is the registry's union: it is declared here by name and resolved by
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from service.core.schedules.base import Schedule, ScheduleState
-from service.core.validators import NonNegInt
+from service.core.schedules.base import Loc, Schedule, ScheduleState, StepIndex
 
 if TYPE_CHECKING:
     from service.core.schedules import ScheduleSpec
@@ -60,11 +61,22 @@ class SequentialSchedule(Schedule):
     schedule; we do not reproduce that (it depends on construction order). torch cannot
     resume a nested SequentialLR at a milestone (it has no closed form: NotImplementedError);
     here nesting works like any other schedule.
+
+    Cost: ``lr(t)`` evaluates the one schedule in charge, and ``momentum(t)`` the one
+    schedule that gives it (chosen from the specs: ``cycles_momentum``), so a step costs
+    O(number of nested schedules) at any nesting (the caps: at most 8 levels, 32
+    schedules, 10,000 list elements; see ``service.core.schedules.limits``).
+
+    Bounded rate: the peak is the largest of the schedules' peaks, each over the steps
+    it runs (from its milestone to the next; the last one without end). So a schedule
+    that grows (``exponential`` with gamma > 1) is accepted before a milestone, with the
+    rate it reaches at its last step as its peak, while on its own (or last) it is
+    refused.
     """
 
     name: Literal["sequential"] = "sequential"
     schedulers: list[ScheduleSpec] = Field(min_length=1)
-    milestones: list[NonNegInt]
+    milestones: list[StepIndex]
     reference: ClassVar[str] = "torch.optim.lr_scheduler.SequentialLR"
 
     @field_validator("schedulers")
@@ -107,23 +119,62 @@ class SequentialSchedule(Schedule):
         end = self.milestones[j] if j < len(self.milestones) else first
         return first, end
 
+    def _run_length(self, j: int, steps: int | None) -> int | None:
+        """How many of its own steps schedule j runs within steps 0 .. steps - 1 (None:
+        without end; 0: never)."""
+        first, end = self._span(j)
+        if j == len(self.milestones):  # the last one runs on
+            return None if steps is None else max(steps - first, 0)
+        return max((end if steps is None else min(end, steps)) - first, 0)
+
+    @functools.cached_property
+    def cycles_momentum(self) -> bool:
+        """Whether any schedule in the sequence cycles the momentum (then every step has
+        one: see the class docstring)."""
+        return any(schedule.cycles_momentum for schedule in self.schedulers)
+
+    @functools.cached_property
+    def nodes(self) -> int:
+        return 1 + sum(schedule.nodes for schedule in self.schedulers)
+
     def value(self, t: int, base_lr: float, state: ScheduleState | None) -> float:
         i, start = self._in_charge(t)
         schedule: Schedule = self.schedulers[i]
         return schedule.lr(t - start, base_lr)
 
     def momentum_value(self, t: int) -> float | None:
-        schedules: list[Schedule] = list(self.schedulers)
+        # Which schedule gives the momentum is decided from the spec (cycles_momentum),
+        # so exactly one child is evaluated, once: O(nodes) per step for any nesting.
+        if not self.cycles_momentum:
+            return None
+        schedules: Sequence[Schedule] = self.schedulers
         i, start = self._in_charge(t)
-        now = schedules[i].momentum(t - start)
-        if now is not None:
-            return now
+        if schedules[i].cycles_momentum:
+            return schedules[i].momentum(t - start)
         for j in range(i - 1, -1, -1):
             first, end = self._span(j)
-            if end > first and schedules[j].momentum(0) is not None:
+            if end > first and schedules[j].cycles_momentum:
                 return schedules[j].momentum(end - first - 1)
         for schedule in reversed(schedules):
-            initial = schedule.momentum(0)
-            if initial is not None:
-                return initial
-        return None
+            if schedule.cycles_momentum:
+                return schedule.momentum(0)
+        return None  # unreachable: some schedule cycles it
+
+    def value_peak(self, base_lr: float, steps: int | None) -> float:
+        best = 0.0
+        for j, schedule in enumerate(self.schedulers):
+            length = self._run_length(j, steps)
+            if length != 0:
+                best = max(best, schedule.peak(base_lr, length))
+        return best
+
+    def value_problem(self, base_lr: float, steps: int | None, offset: int) -> tuple[Loc, str]:
+        for j, schedule in enumerate(self.schedulers):
+            length = self._run_length(j, steps)
+            if length == 0:
+                continue
+            problem = schedule.rate_problem(base_lr, length, offset + self._span(j)[0])
+            if problem is not None:
+                where, msg = problem
+                return ("schedulers", j, *where), msg
+        return super().value_problem(base_lr, steps, offset)

@@ -15,11 +15,14 @@ from typing import Annotated, ClassVar, Literal
 
 import numpy as np
 
-from service.core.schedules.base import Schedule, ScheduleState
-from service.core.validators import NonNeg, NonNegInt, PositiveInt, UnitInterval, interval
+from service.core.schedules.base import Schedule, ScheduleState, StepCount, safe_pow, scaled
+from service.core.validators import NonNeg, NonNegInt, UnitInterval, interval
 
 #: TF's t_mul: each period is t_mul times the previous one (< 1 would run out of periods)
 PeriodFactor = Annotated[float, interval(1.0)]
+
+#: the noise draw of noisy_linear_cosine_decay is clipped to +- this many deviations
+NOISE_CLIP = 40.0
 
 
 class CosineDecaySchedule(Schedule):
@@ -38,7 +41,7 @@ class CosineDecaySchedule(Schedule):
     """
 
     name: Literal["cosine_decay"] = "cosine_decay"
-    decay_steps: PositiveInt
+    decay_steps: StepCount
     alpha: UnitInterval = 0.0
     reference: ClassVar[str] = "tf.keras.optimizers.schedules.CosineDecay"
 
@@ -47,6 +50,9 @@ class CosineDecaySchedule(Schedule):
         completed_fraction = min(float(t), decay_steps) / decay_steps
         cosine_decayed = 0.5 * (1.0 + math.cos(math.pi * completed_fraction))
         return base_lr * ((1.0 - self.alpha) * cosine_decayed + self.alpha)
+
+    def value_peak(self, base_lr: float, steps: int | None) -> float:
+        return self.value(0, base_lr, None)  # the cosine part is at most 1 = its value at 0
 
 
 class CosineDecayRestartsSchedule(Schedule):
@@ -63,15 +69,19 @@ class CosineDecayRestartsSchedule(Schedule):
 
     Defaults as TF: t_mul 2.0, m_mul 1.0, alpha 0.0 (first_decay_steps is required).
     t_mul must be >= 1 (below 1 the periods sum to a finite horizon and TF returns NaN
-    after it), m_mul in [0, 1], alpha in [0, 1]. Reference: TF ``cosine_decay_restarts``
-    (tensorflow/python/training/learning_rate_decay_v2.py; ``CosineDecayRestarts`` in
+    after it), m_mul in [0, 1], alpha in [0, 1]. Peak: the rate at step 0, ``base_lr``.
+    Guarded where TF's arithmetic breaks down far out: a ``t_mul`` so large that
+    ``1 - f * (1 - t_mul)`` overflows takes its logarithm as ``log(f) + log(t_mul - 1)``,
+    and ``f_i`` is kept in [0, 1] (rounding can take it out by ulps). Reference: TF
+    ``cosine_decay_restarts`` (tensorflow/python/training/learning_rate_decay_v2.py;
+    ``CosineDecayRestarts`` in
     keras/src/optimizers/schedules/learning_rate_schedule.py, same formula). Tested against
     the formula written out independently in tests/core/test_schedule_formulas.py over
     2,000 steps, relative error <= 1e-12.
     """
 
     name: Literal["cosine_decay_restarts"] = "cosine_decay_restarts"
-    first_decay_steps: PositiveInt
+    first_decay_steps: StepCount
     t_mul: PeriodFactor = 2.0
     m_mul: UnitInterval = 1.0
     alpha: UnitInterval = 0.0
@@ -84,14 +94,30 @@ class CosineDecayRestartsSchedule(Schedule):
             i_restart = math.floor(completed_fraction)
             completed_fraction -= i_restart
         else:
-            i_restart = math.floor(
-                math.log(1.0 - completed_fraction * (1.0 - t_mul)) / math.log(t_mul)
+            arg = 1.0 - completed_fraction * (1.0 - t_mul)
+            # with a huge t_mul the argument overflows: log(1 + f (t_mul - 1)) then is
+            # log(f) + log(t_mul - 1) to the last bit
+            log_arg = (
+                math.log(arg)
+                if arg != math.inf
+                else math.log(completed_fraction) + math.log(t_mul - 1.0)
             )
-            sum_r = (1.0 - t_mul**i_restart) / (1.0 - t_mul)
-            completed_fraction = (completed_fraction - sum_r) / t_mul**i_restart
-        m_fac = self.m_mul**i_restart
+            i_restart = math.floor(log_arg / math.log(t_mul))
+            t_mul_i = safe_pow(t_mul, i_restart)
+            sum_r = (1.0 - t_mul_i) / (1.0 - t_mul)
+            completed_fraction = (completed_fraction - sum_r) / t_mul_i
+        # f_i is in [0, 1]; keep rounding (or a period past the float range) from
+        # taking it out, where the cosine would rise again
+        if not completed_fraction >= 0.0:
+            completed_fraction = 0.0
+        elif completed_fraction > 1.0:
+            completed_fraction = 1.0
+        m_fac = safe_pow(self.m_mul, i_restart)
         cosine_decayed = 0.5 * m_fac * (1.0 + math.cos(math.pi * completed_fraction))
         return base_lr * ((1.0 - self.alpha) * cosine_decayed + self.alpha)
+
+    def value_peak(self, base_lr: float, steps: int | None) -> float:
+        return self.value(0, base_lr, None)  # m_mul ** i and the cosine part are <= 1
 
 
 class LinearCosineDecaySchedule(Schedule):
@@ -108,7 +134,7 @@ class LinearCosineDecaySchedule(Schedule):
     """
 
     name: Literal["linear_cosine_decay"] = "linear_cosine_decay"
-    decay_steps: PositiveInt
+    decay_steps: StepCount
     num_periods: NonNeg = 0.5
     alpha: NonNeg = 0.0
     beta: NonNeg = 0.001
@@ -120,7 +146,11 @@ class LinearCosineDecaySchedule(Schedule):
         linear_decayed = (decay_steps - step) / decay_steps
         fraction = 2.0 * self.num_periods * (step / decay_steps)
         cosine_decayed = 0.5 * (1.0 + math.cos(math.pi * fraction))
-        return base_lr * ((self.alpha + linear_decayed) * cosine_decayed + self.beta)
+        return scaled(base_lr, (self.alpha + linear_decayed) * cosine_decayed + self.beta)
+
+    def value_peak(self, base_lr: float, steps: int | None) -> float:
+        # the linear and the cosine parts are both at most 1 = their values at step 0
+        return self.value(0, base_lr, None)
 
 
 class NoisyLinearCosineDecaySchedule(Schedule):
@@ -132,9 +162,14 @@ class NoisyLinearCosineDecaySchedule(Schedule):
     (``sqrt(variance) * np.random.default_rng([seed, t]).standard_normal()``), so every
     replica, retry or preview gives the same rate for the same step, and steps draw
     independent noise. As in TF the variance uses the clamped ``t'`` (constant after
-    decay_steps) and the rate is not clamped: with large noise (the default
-    initial_variance 1.0 early on) it can be negative. Without noise it is
-    ``linear_cosine_decay``.
+    decay_steps). Without noise it is ``linear_cosine_decay``.
+
+    Where we differ, deliberately: the rate is clamped at 0, ``lr(t) = max(0, TF's
+    rate)``. TF's rate can be negative with large noise (the default initial_variance
+    1.0 early on: any draw below ``-(alpha + (T - t') / T) - beta / cos``), and a negative
+    rate would step uphill. The standard-normal draw is also clipped to +-40 (never
+    reached: numpy's generator does not draw that far), which bounds the peak at
+    ``base_lr * (alpha + 1 + 40 sqrt(initial_variance) + beta)``.
 
     Defaults as TF: initial_variance 1.0, variance_decay 0.55, num_periods 0.5, alpha 0.0,
     beta 0.001 (decay_steps is required), all >= 0; seed 0 (ours: TF has none), an integer
@@ -147,7 +182,7 @@ class NoisyLinearCosineDecaySchedule(Schedule):
     """
 
     name: Literal["noisy_linear_cosine_decay"] = "noisy_linear_cosine_decay"
-    decay_steps: PositiveInt
+    decay_steps: StepCount
     initial_variance: NonNeg = 1.0
     variance_decay: NonNeg = 0.55
     num_periods: NonNeg = 0.5
@@ -159,9 +194,9 @@ class NoisyLinearCosineDecaySchedule(Schedule):
     def noise(self, t: int) -> float:
         """``eps_t``: the noise added to the linear part at the schedule's step `t`."""
         step = min(float(t), float(self.decay_steps))
-        variance = self.initial_variance / (1.0 + step) ** self.variance_decay
+        variance = self.initial_variance / safe_pow(1.0 + step, self.variance_decay)
         z = float(np.random.default_rng([self.seed, t]).standard_normal())
-        return math.sqrt(variance) * z
+        return math.sqrt(variance) * min(max(z, -NOISE_CLIP), NOISE_CLIP)
 
     def value(self, t: int, base_lr: float, state: ScheduleState | None) -> float:
         decay_steps = float(self.decay_steps)
@@ -170,4 +205,13 @@ class NoisyLinearCosineDecaySchedule(Schedule):
         noisy_linear_decayed = linear_decayed + self.noise(t)
         fraction = 2.0 * self.num_periods * (step / decay_steps)
         cosine_decayed = 0.5 * (1.0 + math.cos(math.pi * fraction))
-        return base_lr * ((self.alpha + noisy_linear_decayed) * cosine_decayed + self.beta)
+        rate = scaled(base_lr, (self.alpha + noisy_linear_decayed) * cosine_decayed + self.beta)
+        return max(0.0, rate)  # deliberately not TF: a negative rate would step uphill
+
+    def value_peak(self, base_lr: float, steps: int | None) -> float:
+        # the noise is at most sqrt(initial_variance) * NOISE_CLIP (the variance only
+        # decays), the linear and cosine parts at most 1; with a negative sum the cosine
+        # part can only bring it up to 0
+        largest_noise = math.sqrt(self.initial_variance) * NOISE_CLIP
+        factor = max(self.alpha + (1.0 + largest_noise), 0.0) + self.beta
+        return max(0.0, scaled(base_lr, factor))

@@ -18,8 +18,19 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from service.core.schedules.base import Schedule, ScheduleState
-from service.core.validators import NonNeg, NonNegInt, PositiveInt, interval
+from service.core.schedules.base import (
+    Loc,
+    Schedule,
+    ScheduleState,
+    StepCount,
+    StepIndex,
+    growth_problem,
+    num,
+    safe_pow,
+    scaled_pow,
+    unbounded,
+)
+from service.core.validators import NonNeg, interval
 
 #: a per-period decay factor: 0 (drop to 0) .. 1 (no decay)
 DecayFactor = Annotated[float, interval(0.0, 1.0)]
@@ -36,7 +47,8 @@ class ExponentialDecaySchedule(Schedule):
     (``p = floor(t / decay_steps)`` if ``staircase``).
 
     Defaults as TF: staircase False (decay_steps and decay_rate are required). TF takes any
-    decay_rate; we take [0, 1] (a rate above 1 grows without bound and overflows).
+    decay_rate; we take [0, 1] (a rate above 1 grows without bound and overflows), so the
+    peak is ``base_lr``; the power is computed without raising (inf on overflow).
     Reference: TF ``exponential_decay`` (tensorflow/python/training/learning_rate_decay_v2.py;
     ``ExponentialDecay`` in keras/src/optimizers/schedules/learning_rate_schedule.py, same
     formula). Tested against the formula written out independently in
@@ -44,14 +56,36 @@ class ExponentialDecaySchedule(Schedule):
     """
 
     name: Literal["exponential_decay"] = "exponential_decay"
-    decay_steps: PositiveInt
+    decay_steps: StepCount
     decay_rate: DecayFactor
     staircase: bool = False
     reference: ClassVar[str] = "tf.keras.optimizers.schedules.ExponentialDecay"
 
     def value(self, t: int, base_lr: float, state: ScheduleState | None) -> float:
         p = _progress(t, self.decay_steps, self.staircase)
-        return base_lr * math.pow(self.decay_rate, p)
+        return scaled_pow(base_lr, self.decay_rate, p)
+
+    def value_peak(self, base_lr: float, steps: int | None) -> float:
+        # decay_rate <= 1 (the spec's range): the rate at step 0; a growing rate (a spec
+        # built around validation) like exponential's
+        if self.decay_rate <= 1.0:
+            return self.value(0, base_lr, None)
+        if steps is None:
+            return unbounded(base_lr)
+        return self.value(steps - 1, base_lr, None)
+
+    def value_problem(self, base_lr: float, steps: int | None, offset: int) -> tuple[Loc, str]:
+        return growth_problem(
+            "decay_rate",
+            self.decay_rate,
+            lambda t: self.value(t, base_lr, None),
+            lambda t: num(
+                safe_pow(self.decay_rate, _progress(t, self.decay_steps, self.staircase))
+            ),
+            base_lr,
+            steps,
+            offset,
+        )
 
 
 class NaturalExpDecaySchedule(Schedule):
@@ -69,7 +103,7 @@ class NaturalExpDecaySchedule(Schedule):
     """
 
     name: Literal["natural_exp_decay"] = "natural_exp_decay"
-    decay_steps: PositiveInt
+    decay_steps: StepCount
     decay_rate: NonNeg
     staircase: bool = False
     reference: ClassVar[str] = "tf.compat.v1.train.natural_exp_decay"
@@ -77,6 +111,9 @@ class NaturalExpDecaySchedule(Schedule):
     def value(self, t: int, base_lr: float, state: ScheduleState | None) -> float:
         p = _progress(t, self.decay_steps, self.staircase)
         return base_lr * math.exp(-self.decay_rate * p)
+
+    def value_peak(self, base_lr: float, steps: int | None) -> float:
+        return self.value(0, base_lr, None)  # exp(-decay_rate * p) <= 1 = its value at 0
 
 
 class InverseTimeDecaySchedule(Schedule):
@@ -92,7 +129,7 @@ class InverseTimeDecaySchedule(Schedule):
     """
 
     name: Literal["inverse_time_decay"] = "inverse_time_decay"
-    decay_steps: PositiveInt
+    decay_steps: StepCount
     decay_rate: NonNeg
     staircase: bool = False
     reference: ClassVar[str] = "tf.keras.optimizers.schedules.InverseTimeDecay"
@@ -100,6 +137,9 @@ class InverseTimeDecaySchedule(Schedule):
     def value(self, t: int, base_lr: float, state: ScheduleState | None) -> float:
         p = _progress(t, self.decay_steps, self.staircase)
         return base_lr / (1.0 + self.decay_rate * p)
+
+    def value_peak(self, base_lr: float, steps: int | None) -> float:
+        return self.value(0, base_lr, None)  # the divisor is at least 1 = its value at 0
 
 
 class PolynomialDecaySchedule(Schedule):
@@ -112,7 +152,10 @@ class PolynomialDecaySchedule(Schedule):
     end_learning_rate is an absolute rate (as in TF), not a fraction of base_lr.
 
     Defaults as TF: end_learning_rate 1e-4, power 1.0, cycle False (decay_steps is
-    required); power must be >= 0. Reference: TF ``polynomial_decay``
+    required); power must be >= 0. ``t' / T`` is kept <= 1: far out (t past 2**53) the
+    rounded ``ceil(t / decay_steps)`` can leave ``T`` a little below ``t``, where TF
+    would take a fractional power of a negative number (NaN). Peak:
+    ``max(base_lr, end_learning_rate)``. Reference: TF ``polynomial_decay``
     (tensorflow/python/training/learning_rate_decay_v2.py; ``PolynomialDecay`` in
     keras/src/optimizers/schedules/learning_rate_schedule.py, same formula). Tested against
     the formula written out independently in tests/core/test_schedule_formulas.py over
@@ -120,7 +163,7 @@ class PolynomialDecaySchedule(Schedule):
     """
 
     name: Literal["polynomial_decay"] = "polynomial_decay"
-    decay_steps: PositiveInt
+    decay_steps: StepCount
     end_learning_rate: NonNeg = 1e-4
     power: NonNeg = 1.0
     cycle: bool = False
@@ -134,9 +177,17 @@ class PolynomialDecaySchedule(Schedule):
             horizon = horizon * multiplier
         else:
             step = min(step, horizon)
-        p = step / horizon
+        # p <= 1, but far out (t past 2**53) the rounded ceil(step / decay_steps) can leave
+        # the horizon just below step: math.pow of a negative base would raise
+        p = min(step / horizon, 1.0)
         end = self.end_learning_rate
         return (base_lr - end) * math.pow(1.0 - p, self.power) + end
+
+    def value_peak(self, base_lr: float, steps: int | None) -> float:
+        # (1 - p) ** power is in [0, 1]: the rate is between its value at step 0 and
+        # end_learning_rate
+        at_start = self.value(0, base_lr, None)
+        return at_start if steps == 1 else max(at_start, self.end_learning_rate)
 
 
 class PiecewiseConstantSchedule(Schedule):
@@ -154,7 +205,7 @@ class PiecewiseConstantSchedule(Schedule):
     """
 
     name: Literal["piecewise_constant"] = "piecewise_constant"
-    boundaries: Annotated[list[NonNegInt], Field(min_length=1)]
+    boundaries: Annotated[list[StepIndex], Field(min_length=1)]
     values: list[NonNeg]
     reference: ClassVar[str] = "tf.keras.optimizers.schedules.PiecewiseConstantDecay"
 
@@ -185,3 +236,11 @@ class PiecewiseConstantSchedule(Schedule):
 
     def value(self, t: int, base_lr: float, state: ScheduleState | None) -> float:
         return self.values[bisect.bisect_left(self.boundaries, t)]
+
+    def value_peak(self, base_lr: float, steps: int | None) -> float:
+        reached = (
+            len(self.values)
+            if steps is None
+            else bisect.bisect_left(self.boundaries, steps - 1) + 1
+        )
+        return max(self.values[:reached])
