@@ -256,6 +256,7 @@ def close_round(
         None,
         count,
         False,
+        lenient=True,  # a round always closes: a non-finite result is skipped, not refused
         history_extra={
             "kind": "round",
             "round": meta.step,

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
+from service.core.federated import MAX_EXAMPLES
 from service.core.optim import OPTIMIZERS
 from service.core.schedules import SCHEDULES
 from service.core.transforms import GradientTransforms
@@ -387,8 +388,8 @@ class UpdateRequest(BaseModel):
     client_id: str = Field(description="who sends it (1 to 128 printable characters)")
     delta: TensorSet | None = Field(None, description="new weights minus the round's weights")
     weights: TensorSet | None = Field(None, description="the new weights (instead of delta)")
-    num_examples: Annotated[int, Field(ge=1, strict=True)] = Field(
-        description="examples trained on: the update's weight in the mean"
+    num_examples: Annotated[int, Field(ge=1, le=MAX_EXAMPLES, strict=True)] = Field(
+        description="examples trained on: the update's weight in the mean (at most 10**12)"
     )
     metrics: dict[str, Annotated[float, Field(strict=True, allow_inf_nan=False)]] | None = Field(
         None, description="the client's numbers (loss, accuracy, ...), averaged per round"

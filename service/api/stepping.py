@@ -48,10 +48,10 @@ import orjson
 from service.api import codecs
 from service.api.cache import Cached
 from service.api.codecs import Reply
-from service.api.errors import RangeTestOver, StaleGradient, invalid
+from service.api.errors import Invalid, RangeTestOver, StaleGradient, field_error, invalid
 from service.api.parsing import StepInput, nonfinite_grads
 from service.api.spec import Spec, decode_schedule_state, encode_schedule_state
-from service.core import FlatLayout, apply_transforms
+from service.core import FlatLayout, apply_transforms, find_nonfinite
 from service.core.averaging import update_averages
 from service.core.consistency import (
     AsyncConsistency,
@@ -182,7 +182,12 @@ def compute_step(
             )
         pending = pending_of(meta)
         count = int(pending["count"]) + 1
-        total = grads.copy() if count == 1 else np.add(own.arrays[ACC_SUM], grads)
+        with np.errstate(over="ignore"):
+            total = grads.copy() if count == 1 else np.add(own.arrays[ACC_SUM], grads)
+        if spec.transforms.nonfinite != "skip" and not np.isfinite(total).all():
+            # finite gradients whose sum overflows: refused, or the accumulation could
+            # never complete (its sum stays non-finite)
+            raise nonfinite_grads(*find_nonfinite(total, spec.layout))
         losses = pending["losses"]
         losses = None if losses is None or loss is None else [*losses, loss]
         if count < sync.accumulate:
@@ -224,9 +229,14 @@ def apply_step(
     contributors: int,
     binary: bool,
     history_extra: dict[str, Any] | None = None,
+    lenient: bool = False,
 ) -> Computed:
     """Apply `grads` as the session's next step (see the module docstring); the
-    history entry gets `history_extra` on top (a federated round: its kind, clients)."""
+    history entry gets `history_extra` on top (a federated round: its kind, clients).
+
+    A step whose gradient or result is non-finite is skipped when the session's policy
+    says `skip` (or with `lenient`, which a federated round's close uses: a round must
+    always close), refused (422, nothing changed) otherwise."""
     t = meta.step
     schedule_state = decode_schedule_state(meta.schedule_state)
     finder = range_test_state(meta) if spec.lr_finder is not None else None
@@ -239,14 +249,31 @@ def apply_step(
     new_params, new_state = params, join_state(opt, own)
     update_norm = 0.0
     delta: np.ndarray | None = None  # new minus old params, when the step needs it
-    if diverged or result.nonfinite:
-        if result.nonfinite and not diverged and spec.transforms.nonfinite != "skip":
-            raise nonfinite_grads(result.nonfinite, result.nonfinite_tensors)  # parse_step did
-        if diverged:  # a non-finite loss ends the range test; the step is not applied
+    skipped = diverged or bool(result.nonfinite)
+    if result.nonfinite and not diverged and spec.transforms.nonfinite != "skip" and not lenient:
+        raise nonfinite_grads(result.nonfinite, result.nonfinite_tensors)  # parse_step did
+    if not skipped:
+        with np.errstate(all="ignore"):  # an overflow is refused or skipped just below
+            new_params, new_opt = spec.optimizer.update(
+                spec.hyper_at(t), result.grads, opt, params, lr, spec.layout, inplace=False
+            )
+        if step_input.missing:
+            _restore_segments(spec.layout, step_input.missing, params, opt, new_params, new_opt)
+        problem = nonfinite_result(spec.layout, new_params, new_opt, lr)
+        if problem is not None:
+            # never committed: the session keeps finite params and state (its own export
+            # always imports); a range test takes it as divergence
+            if finder is None and spec.transforms.nonfinite != "skip" and not lenient:
+                raise problem
+            skipped = True
+            diverged = finder is not None
+            new_params = params
+    if skipped:
+        if diverged:  # a non-finite loss or result ends the range test; nothing applied
             assert finder is not None
             assert spec.lr_finder is not None
-            assert loss is not None
-            extra["lr_finder"] = observe_range_test(spec.lr_finder, finder, loss).model_dump()
+            ended = observe_range_test(spec.lr_finder, finder, math.inf)
+            extra["lr_finder"] = ended.model_dump()
         new_meta = meta.evolve(
             version=meta.version + 1,
             params_version=meta.params_version + 1,
@@ -258,13 +285,7 @@ def apply_step(
         new_blobs = None
         if spec.sync is not None:
             new_blobs = SessionBlobs(params.tobytes(), new_state.to_bytes())
-        skipped = True
     else:
-        new_params, new_opt = spec.optimizer.update(
-            spec.hyper_at(t), result.grads, opt, params, lr, spec.layout, inplace=False
-        )
-        if step_input.missing:
-            _restore_segments(spec.layout, step_input.missing, params, opt, new_params, new_opt)
         if spec.schedule is not None and spec.schedule.stateful and loss is not None:
             assert schedule_state is not None
             schedule_state = spec.schedule.observe(schedule_state, loss)
@@ -278,7 +299,7 @@ def apply_step(
         new_state = join_state(new_opt, own)
         if spec.history > 0 or step_input.ret == "updates":  # computed once for both
             delta = np.subtract(new_params, params)
-            update_norm = float(np.sqrt(np.dot(delta, delta)))
+            update_norm = _norm(delta)
         new_meta = meta.evolve(
             version=meta.version + 1,
             params_version=meta.params_version + 1,
@@ -288,7 +309,6 @@ def apply_step(
             updated_at=now,
         )
         new_blobs = SessionBlobs(new_params.tobytes(), new_state.to_bytes())
-        skipped = False
     grad_norm = result.grad_norm if math.isfinite(result.grad_norm) else None
     if spec.sync is not None:  # what pushes that waited for this step are answered
         last = {"lr": lr, "grad_norm": grad_norm, "clipped": result.clipped, "skipped": skipped}
@@ -333,6 +353,41 @@ def apply_step(
         "skipped" if skipped else "applied",
         entry,
     )
+
+
+def _norm(x: np.ndarray) -> float:
+    """The L2 norm of finite `x`, finite too (a float32 sum of squares may overflow)."""
+    with np.errstate(over="ignore"):
+        norm = float(np.sqrt(np.dot(x, x)))
+    if math.isfinite(norm):
+        return norm
+    scale = float(np.max(np.abs(x)))
+    scaled = x.astype(np.float64) / scale
+    return scale * math.sqrt(float(np.dot(scaled, scaled)))
+
+
+def nonfinite_result(
+    layout: FlatLayout, params: np.ndarray, state: OptState, lr: float
+) -> Invalid | None:
+    """The refusal of a step whose new params or optimizer state hold NaN or inf (an
+    overflow: a huge rate, a zero eps over a zero gradient, ...), None when all is finite.
+    The refusal names the tensors and the arrays at fault."""
+    arrays = {"params": params, **state.arrays}
+    bad = {key: a for key, a in arrays.items() if not np.isfinite(a).all()}
+    scalars = [k for k, v in state.scalars.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad and not scalars:
+        return None
+    names: list[str] = []
+    for array in bad.values():
+        names.extend(n for n in find_nonfinite(array, layout)[1] if n not in names)
+    where = ", ".join([*bad, *scalars])
+    msg = (
+        f"this step would make non-finite values (NaN or inf) in {where}; nothing was "
+        f"applied: the rate ({lr:g}), the optimizer's settings (a zero eps, ...) or the "
+        "gradient's size overflow"
+    )
+    at = names or list(layout.names[:1])
+    return Invalid(msg, [field_error(["body", "grads", n], msg) for n in at])
 
 
 def _pending(

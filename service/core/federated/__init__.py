@@ -12,7 +12,12 @@ See docs/federated.md for the HTTP contract; each module's docstring gives the r
 Flower code they mirror and where they differ.
 """
 
-from service.core.federated.aggregators import AggregationError, aggregate, krum_scores
+from service.core.federated.aggregators import (
+    MAX_EXAMPLES,
+    AggregationError,
+    aggregate,
+    krum_scores,
+)
 from service.core.federated.config import (
     Aggregator,
     FederatedConfig,
@@ -45,6 +50,7 @@ from service.core.federated.server_optim import (
 )
 
 __all__ = [
+    "MAX_EXAMPLES",
     "SERVER_OPTIMIZERS",
     "AggregationError",
     "Aggregator",

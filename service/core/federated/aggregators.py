@@ -78,6 +78,11 @@ class AggregationError(CoreError):
     finite, bad `num_examples`, or too few for Krum."""
 
 
+MAX_EXAMPLES = 10**12
+"""The largest `num_examples` an update may carry: weights stay exact in float64 and a
+round's total cannot overflow."""
+
+
 def aggregate(
     aggregator: Aggregator,
     deltas: Sequence[np.ndarray],
@@ -204,7 +209,13 @@ def _check(
         if not np.isfinite(delta).all():
             raise AggregationError(f"update {i} holds a value that is not finite")
     for i, n in enumerate(num_examples):
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise AggregationError(f"num_examples[{i}] must be an int >= 1: got {n!r}")
+        if (
+            isinstance(n, bool)
+            or not isinstance(n, (int, np.integer))
+            or not 1 <= n <= MAX_EXAMPLES
+        ):
+            raise AggregationError(
+                f"num_examples[{i}] must be an int from 1 to {MAX_EXAMPLES}: got {n!r}"
+            )
     dtype: np.dtype[np.floating] = first.dtype
     return dtype, first.size
