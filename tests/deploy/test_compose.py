@@ -27,9 +27,26 @@ def compose() -> dict[str, Any]:
     return data
 
 
+#: what `${NAME:?message}` in the compose file looks like: compose refuses to start
+#: while NAME is unset or empty, printing the message
+_REQUIRED = re.compile(r"\$\{(OPTSERVE_[A-Z_]+):\?[^}]+\}")
+
+
+def test_no_api_key_is_committed(compose: dict[str, Any]) -> None:
+    """The API keys come from the operator's environment (compose refuses to start
+    without them); none is written in the file, where anyone could read it."""
+    keys = compose["services"]["api"]["environment"]["OPTSERVE_API_KEYS"]
+    match = _REQUIRED.fullmatch(keys)
+    assert match is not None, keys
+    assert match.group(1) == "OPTSERVE_API_KEYS"
+    assert "change-me" not in (ROOT / "docker-compose.yml").read_text()
+
+
 @pytest.fixture(scope="module")
 def api_settings(compose: dict[str, Any]) -> Settings:
-    env = compose["services"]["api"]["environment"]
+    env = dict(compose["services"]["api"]["environment"])
+    # what an operator provides for the required variables (test_no_api_key_is_committed)
+    env["OPTSERVE_API_KEYS"] = '{"a-key-of-the-operator": "dev"}'
     fields = set(Settings.model_fields)
     for name in env:
         assert name.startswith("OPTSERVE_"), name
@@ -56,6 +73,8 @@ def test_ports_and_host(compose: dict[str, Any], api_settings: Settings) -> None
     ports = compose["services"]["api"]["ports"]
     container_ports = {int(str(p).split(":")[-1]) for p in ports}
     assert container_ports == {api_settings.port}
+    # published on the host's loopback only (a proxy with TLS serves others)
+    assert all(str(p).startswith("127.0.0.1:") for p in ports), ports
     assert api_settings.host == "0.0.0.0"  # reachable from outside the container
     # a non-loopback server needs API keys or an explicit opt-out (see `optserve serve`)
     assert api_settings.api_keys or api_settings.allow_unauthenticated
