@@ -127,9 +127,27 @@ def decode(
         raise TensorFileError("__metadata__ must map strings to strings")
     data = view[8 + n :]
     tensors: dict[str, np.ndarray] = {}
+    spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
-        tensors[name] = _tensor(name, info, data)
+        tensors[name], begin, end = _tensor(name, info, data)
+        spans.append((begin, end, name))
+    _check_tiling(spans, len(data))
     return tensors, dict(metadata)
+
+
+def _check_tiling(spans: list[tuple[int, int, str]], size: int) -> None:
+    """The tensors' byte spans tile the data exactly, as safetensors requires ("entirely
+    indexed, no holes": it prevents polyglot files): no two overlap, none leaves a gap
+    before the next, and the last ends where the buffer does."""
+    at = 0
+    for begin, end, name in sorted(spans):
+        if begin < at:
+            raise _refused(name, f"data_offsets [{begin}, {end}] overlap another tensor's")
+        if begin > at:
+            raise _refused(name, f"data_offsets [{begin}, {end}] leave a gap after byte {at}")
+        at = end
+    if at != size:
+        raise TensorFileError(f"{size - at} bytes after the last tensor's data: not indexed")
 
 
 def _load_header(raw: bytes) -> dict[str, object]:
@@ -196,7 +214,8 @@ def _bounded_int(text: str) -> int:
     return int(text)
 
 
-def _tensor(name: str, info: object, data: memoryview) -> np.ndarray:
+def _tensor(name: str, info: object, data: memoryview) -> tuple[np.ndarray, int, int]:
+    """The tensor `info` describes, and its byte span in `data`."""
     if not isinstance(info, dict):
         raise _refused(name, "entry is not an object")
     code = info.get("dtype")
@@ -244,7 +263,7 @@ def _tensor(name: str, info: object, data: memoryview) -> np.ndarray:
     except (ValueError, TypeError, OverflowError) as exc:  # checked above; a safety net
         raise _refused(name, f"shape {shape} cannot be made: {exc}") from None
     array.flags.writeable = False  # a writable buffer (bytearray) must not be written through
-    return array
+    return array, begin, end
 
 
 def _refused(name: str, problem: str) -> TensorFileError:

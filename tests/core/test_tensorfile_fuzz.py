@@ -325,3 +325,40 @@ def test_valid_files_still_decode_as_views() -> None:
     assert np.shares_memory(got["a"], np.frombuffer(buffer, dtype=np.uint8))
     assert not got["a"].flags.writeable
     assert got["empty"].shape == (0, 4)
+
+
+@pytest.mark.parametrize(
+    ("entries", "data", "match"),
+    [
+        # two tensors over the same bytes: a polyglot file safetensors refuses
+        ({"a": entry(), "b": entry()}, bytes(8), "overlap"),
+        ({"a": entry(), "b": entry(shape=[1], data_offsets=[4, 8])}, bytes(8), "overlap"),
+        ({"a": entry(data_offsets=[8, 16])}, bytes(16), "gap"),  # bytes 0..8 unindexed
+        ({"a": entry(), "b": entry(data_offsets=[12, 20])}, bytes(20), "gap"),
+        ({"a": entry()}, bytes(12), "4 bytes after the last tensor"),
+    ],
+)
+def test_data_must_be_tiled_by_the_tensors(
+    entries: dict[str, Any], data: bytes, match: str
+) -> None:
+    """safetensors: the byte buffer is entirely indexed and has no holes; offsets that
+    overlap, skip bytes or leave bytes at the end are refused (both codecs)."""
+    buffer = build(entries, data)
+    for codec in (client_codec, tensorfile):
+        with pytest.raises(codec.TensorFileError, match=match):
+            codec.decode(buffer)
+    check_decode(buffer)
+
+
+def test_tiled_files_in_any_header_order_decode() -> None:
+    """Tiling is checked on the spans sorted by offset: the header's order is free, and
+    empty tensors may sit anywhere (their span is empty)."""
+    entries = {
+        "b": entry(data_offsets=[8, 16]),
+        "empty": entry(shape=[0], data_offsets=[8, 8]),
+        "a": entry(),
+    }
+    tensors, _ = decode(build(entries, np.arange(4, dtype=np.float32).tobytes()))
+    assert tensors["a"].tolist() == [0.0, 1.0]
+    assert tensors["b"].tolist() == [2.0, 3.0]
+    assert tensors["empty"].shape == (0,)
