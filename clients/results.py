@@ -26,7 +26,8 @@ class Session:
     filled, None when absent (or from a server without them): `lr_finder` (the range
     test's config), `ema`, `swa`, `consistency` (`{"mode": "async" | "sync", ...}`),
     `history` (how many history entries it keeps) and, for sync sessions, `pending`
-    (`{"base_version", "count", "accumulate"}`).
+    (`{"base_version", "count", "accumulate", "started_at", "deadline"}`: the open
+    accumulation, with Unix times, null when it is empty).
 
     Federated sessions (docs/federated.md): `federated` (`min_clients`,
     `expected_clients`, `round_timeout`, `aggregator`, `update`, defaults filled) and
@@ -99,16 +100,18 @@ class StepResult:
     the gradient; `replayed`: this is the server's recorded answer to an earlier
     attempt with the same `Idempotency-Key` (the step was applied once, then).
     `staleness`: the session's version minus the `base_version` sent (None without
-    one); `contributors`: the gradients combined into the step (K in a sync session).
+    one); `contributors`: the gradients combined into the step (K in a sync session;
+    fewer when the accumulation was flushed at its deadline).
 
     A push into a sync session that did not complete the accumulation is `status
     "pending"` (the 202 answer, with `block=False`): `version` is the session's,
     `wait_for` the version the step will make, `pending` / `accumulate` how many of the
     K gradients are in; `step` is -1 and `lr` NaN (unknown yet), `contributors` 0, no
     params. A pending push the client waited for (`block=True`) is `status "applied"`
-    with the params read at version >= `wait_for`, `staleness` 0, `contributors` K, and
-    the counters of that read; the rate, which a params read does not carry, is NaN
-    then (`skipped`, `grad_norm`, `clipped` unknown: their defaults). With a `wait`, the
+    with the params read at version >= `wait_for`, `staleness` 0, `contributors` K (a
+    params read does not say how many: the history does), and the counters of that
+    read; the rate, which a params read does not carry, is NaN then (`skipped`,
+    `grad_norm`, `clipped` unknown: their defaults). With a `wait`, the
     server usually answers the step itself (with its rate) before the client has to.
     """
 

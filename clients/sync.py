@@ -128,8 +128,10 @@ class OptimizerClient(BaseClient):
         (an LR range test: `{"start_lr", "end_lr", "num_steps", "mode", "smooth_f",
         "diverge_th"}`, `{}` for the defaults), `ema` (`{"decay", "bias_correction"}`),
         `swa` (`{"start", "every"}`), `consistency` (`"async"`, `"sync"`, or
-        `{"mode", "max_staleness", "staleness_damping", "accumulate", "reduce"}`) and
-        `history` (how many history entries to keep).
+        `{"mode", "max_staleness", "staleness_damping", "accumulate", "reduce",
+        "timeout", "on_timeout"}`: a sync accumulation still open `timeout` seconds after
+        its first push is applied with what arrived, `"flush"`, or skipped, `"drop"`)
+        and `history` (how many history entries to keep).
 
         `federated` (docs/federated.md): make a federated session, `{"min_clients",
         "expected_clients", "round_timeout", "aggregator", "update"}`; the optimizer is

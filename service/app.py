@@ -5,7 +5,9 @@ else the in-process store, the embedded default whose state is lost on exit), lo
 one as its first line, and warms the numba kernels in a worker thread (in each worker
 process, after uvicorn forked it: GNU OpenMP is not fork-safe). Routers: sessions and
 schedules under `/v1`, health and metrics outside. Every refusal is problem+json
-(`service.api.errors`), JSON is rendered by orjson.
+(`service.api.errors`), JSON is rendered by orjson. Request bodies are held to
+`max_body_bytes` (`BodyLimit`), and JSON bodies, which cost many times their size once
+parsed, to `max_json_body_bytes` (both in `BodyLimit`), before anything reads them.
 
 `optserve serve` runs `uvicorn service.app:app_factory --factory`: each worker builds
 its app from the `OPTSERVE_*` environment, which the command sets from its flags.
@@ -141,7 +143,9 @@ def create_app(settings: Settings | None = None, store: StateStore | None = None
     app.include_router(routes_schedules.router)
     app.include_router(routes_health.router)
     app.include_router(routes_ui.router)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit, limit=settings.max_body_bytes, json_limit=settings.max_json_body_bytes
+    )
     app.add_middleware(metrics.RequestMetrics)
     app.add_middleware(RequestId)  # outermost: every answer and log line has the id
     openapi.install(app)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     allow_unauthenticated: bool = False
     #: largest request body accepted (413 above)
     max_body_bytes: Annotated[int, Field(ge=1024)] = 512 * MiB
+    #: largest JSON (any body but safetensors) request body accepted (413 above); at most
+    #: `max_body_bytes` (a larger value is lowered to it). Parsed JSON costs many times its
+    #: size in memory (a Python object per number), so large tensors travel as safetensors
+    max_json_body_bytes: Annotated[int, Field(ge=1024)] = 64 * MiB
     #: most parameters (elements over all tensors) one session may hold
     max_params: Annotated[int, Field(ge=1)] = 200_000_000
     #: most tensors one session may hold (every step and export costs a little per tensor)
@@ -61,6 +65,11 @@ class Settings(BaseSettings):
     #: "json": one JSON object per log line, with the request id (service/logs.py);
     #: "text": plain lines
     log_format: Literal["json", "text"] = "json"
+
+    @model_validator(mode="after")
+    def _json_body_within_body(self) -> Settings:
+        self.max_json_body_bytes = min(self.max_json_body_bytes, self.max_body_bytes)
+        return self
 
 
 @lru_cache

@@ -24,7 +24,9 @@ again. The cache is refreshed only after a commit succeeded. NumPy work on a lar
 session (decoding, the update, encoding the answer) runs in a worker thread, so the
 event loop keeps serving. A sync push answered 202 may then wait (`wait`) for the step
 that completes its accumulation, by polling the session's version (`wait_version`, also
-behind `GET .../params?min_version=`).
+behind `GET .../params?min_version=`); a waiter that finds the accumulation past its
+deadline (`timeout`) resolves it (`close_accumulation`), as `read_round` closes a
+federated round, so a session whose worker never pushes cannot wedge.
 
 **Tensors without a gradient** (`"skip_missing": true`; PyTorch skips a parameter whose
 `.grad` is None). `grads` may then omit tensors: the flat update runs with zeros in
@@ -51,10 +53,15 @@ Idempotency-Key: replacing by the same file twice leaves the same state.
 **Idempotency** (decision 4; REFERENCES.md). With an `Idempotency-Key`, the request's
 fingerprint is sha256 over method, path and body. A stored record with the same
 fingerprint is replayed byte for byte (status, headers, body, plus
-`Idempotent-Replayed: true`); a different fingerprint is 422. Otherwise the key is
-claimed (in flight for `idempotency_lock_ttl` s; held by another request: 409) and the
-successful answer is recorded in the step's own commit, so a step and its record exist
-together or not at all. A refused request is never recorded (its claim is released).
+`Idempotent-Replayed: true`), except that a step's `200` answer follows the retry's
+`Accept`: recorded in the other format, it is re-encoded as a fresh answer would be
+(`codecs.reencode_step`; 406 if it cannot be); a different fingerprint is 422. A
+federated update is keyed internally per client and round (`federation.update_key`, a
+namespace no header key can reach; a different body again is 422 on its `client_id`).
+Otherwise the key is claimed (in flight for `idempotency_lock_ttl` s; held by another
+request: 409) and the successful answer is recorded in the step's own commit, so a step
+and its record exist together or not at all. A refused request is never recorded (its
+claim is released).
 """
 
 from __future__ import annotations
@@ -93,19 +100,31 @@ from service.api.federation import (
     closable,
     compute_close,
     compute_update,
+    legacy_update_key,
     parse_update,
+    resubmitted,
     round_answer,
     round_state,
+    update_key,
 )
-from service.api.parsing import StepInput, parse_create, parse_step, validate_model
+from service.api.parsing import (
+    StepInput,
+    check_preview,
+    parse_create,
+    parse_step,
+    validate_model,
+)
 from service.api.schemas import MetricsRequest, PreviewRequest
 from service.api.spec import Limits, Spec, encode_schedule_state
 from service.api.stepping import (
     Computed,
+    accumulation_due,
+    close_expired,
     compute_metrics,
     compute_step,
     current_lr,
     join_state,
+    pending_deadline,
     pending_of,
     waited_reply,
 )
@@ -128,9 +147,12 @@ T = TypeVar("T")
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 #: Idempotency-Key: 1 to 255 printable ASCII characters
 _IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
-#: NumPy work on more elements than this (or bodies over OFFLOAD_BYTES) runs in a thread
+#: work on a session of more elements or tensors than these, or on a body of more bytes,
+#: runs in a worker thread (`heavy`): the event loop must not stall for more than a few
+#: milliseconds on one request (decoding 64 KiB of JSON takes about 1 ms)
 OFFLOAD_ELEMENTS = 1 << 16
-OFFLOAD_BYTES = 1 << 20
+OFFLOAD_TENSORS = 256
+OFFLOAD_BYTES = 1 << 16
 #: parsed specs kept in memory (small: layouts and hyperparameters, no tensors)
 SPEC_CACHE_SIZE = 4096
 #: seconds between two looks at a session's version while waiting (first, longest)
@@ -221,7 +243,7 @@ class Engine:
                 state = join_state(state, init_averages(spec.ema, spec.swa, params))
             return state
 
-        state = await self.offload(params.size > OFFLOAD_ELEMENTS, init)
+        state = await self.offload(heavy(spec), init)
         now = time.time()
         schedule_state = None if spec.schedule is None else spec.schedule.initial_state(spec.hp.lr)
         meta = SessionMeta(
@@ -235,7 +257,7 @@ class Engine:
             updated_at=now,
         )
         blobs = await self.offload(
-            params.size > OFFLOAD_ELEMENTS,
+            heavy(spec),
             lambda: SessionBlobs(params.tobytes(), state.to_bytes()),
         )
         self._round_trip("create")
@@ -246,7 +268,8 @@ class Engine:
 
     async def get(self, tenant: str, session_id: str) -> dict[str, Any]:
         meta = await self.owned_meta(tenant, session_id, refresh=True)
-        return self.document(meta, self.spec_of(meta))
+        spec = await self.load_spec(meta)
+        return await self.offload(heavy(spec), self.document, meta, spec)
 
     async def delete(self, tenant: str, session_id: str) -> None:
         await self.owned_meta(tenant, session_id)
@@ -262,8 +285,10 @@ class Engine:
         sessions, newest first; `truncated` when the tenant has more."""
         self._round_trip("list_sessions")
         metas = await self.store.list_sessions(tenant, limit + 1)
+        shown = metas[:limit]
+        specs = [await self.load_spec(meta) for meta in shown]
         return {
-            "sessions": [self.summary(meta, self.spec_of(meta)) for meta in metas[:limit]],
+            "sessions": [self.summary(meta, spec) for meta, spec in zip(shown, specs, strict=True)],
             "truncated": len(metas) > limit,
         }
 
@@ -315,11 +340,26 @@ class Engine:
         outcome = "refused"
         try:
             reply, outcome = await self._idempotent(call, self._prepare_step)
+            if outcome == "replayed" and reply.status == 200:
+                reply = await self._replayed_as_asked(call, reply)
             if reply.status == 202:  # a sync push, pending: wait for its step if asked
                 reply = await self._wait_for_step(call, reply)
             return reply
         finally:
             m.STEP_SECONDS.labels(outcome).observe(time.perf_counter() - start)
+
+    async def _replayed_as_asked(self, call: StepCall, reply: Reply) -> Reply:
+        """A replayed step answer in the format this retry asks for (`Accept`): the
+        recorded one, re-encoded when it was sent in the other format (406 if it cannot
+        be), with the recorded status and headers."""
+        if reply.media_type == (codecs.BINARY if call.binary_response else codecs.JSON):
+            return reply
+        spec = await self._spec(call.tenant, call.session_id)
+        shapes = {s.name: s.shape for s in spec.layout.specs}
+        big = heavy(spec) or len(reply.body) > OFFLOAD_BYTES
+        return await self.offload(
+            big, codecs.reencode_step, reply, call.binary_response, shapes, spec.dtype
+        )
 
     async def metrics(self, call: StepCall) -> Reply:
         """Take a loss reported without a step (`POST .../metrics`)."""
@@ -332,7 +372,7 @@ class Engine:
         def compute(meta: SessionMeta, params: np.ndarray, state: OptState) -> Computed:
             return compute_step(spec, meta, params, state, step_input, call.binary_response)
 
-        return compute, spec.layout.total > OFFLOAD_ELEMENTS
+        return compute, heavy(spec)
 
     async def _prepare_metrics(self, call: StepCall, spec: Spec) -> tuple[Compute, bool]:
         if codecs.is_binary(call.content_type):
@@ -342,7 +382,7 @@ class Engine:
         def compute(meta: SessionMeta, params: np.ndarray, state: OptState) -> Computed:
             return compute_metrics(spec, meta, params, state, loss)
 
-        return compute, False
+        return compute, heavy(spec)  # decoding the stored state is the work
 
     async def _parse_step(self, call: StepCall, spec: Spec) -> StepInput:
         binary = codecs.is_binary(call.content_type)
@@ -350,20 +390,30 @@ class Engine:
         return await self.offload(big, parse_step, spec, call.body, binary)
 
     async def _idempotent(
-        self, call: StepCall, prepare: Callable[[StepCall, Spec], Awaitable[tuple[Compute, bool]]]
+        self,
+        call: StepCall,
+        prepare: Callable[[StepCall, Spec], Awaitable[tuple[Compute, bool]]],
+        legacy_key: str | None = None,
     ) -> tuple[Reply, str]:
         """Validate (`prepare`), then commit what the returned function computes, at most
-        once per Idempotency-Key (see the module docstring)."""
+        once per Idempotency-Key (see the module docstring). With `legacy_key`, the key
+        is a federated update's internal one (not a header's: not checked as one), and a
+        record under `legacy_key` (its key before the namespaces were split: a round
+        open across an upgrade) is replayed when no record has the key, but only if it
+        has this request's fingerprint (a header key's record is of another path)."""
         sid, key = call.session_id, call.idempotency_key
         spec = await self._spec(call.tenant, sid)
         fp = None
         if key is not None:
-            if not _IDEMPOTENCY_KEY.fullmatch(key):
+            if legacy_key is None and not _IDEMPOTENCY_KEY.fullmatch(key):
                 raise invalid(
                     ["header", "Idempotency-Key"], "must be 1 to 255 printable ASCII characters"
                 )
             fp = fingerprint(call.method, call.path, call.body)
             record = await self._record(sid, key)
+            if record is None and legacy_key is not None:
+                old = await self._record(sid, legacy_key)
+                record = old if old is not None and old.fingerprint == fp else None
             if record is not None:
                 return self._replay(record, fp), "replayed"
         compute, big = await prepare(call, spec)
@@ -377,7 +427,8 @@ class Engine:
             record = await self._record(sid, key)
             if record is not None:
                 return self._replay(record, fp), "replayed"
-            raise IdempotencyInFlight(retry_after=max(1, math.ceil(left)))
+            retry_after = max(1, math.ceil(left))
+            raise IdempotencyInFlight(retry_after, federated=legacy_key is not None)
         # a first request that committed between our look and our claim is found inside
         # the transaction (`tx.recorded`), which also covers a lease that lapsed
         committed = False
@@ -452,7 +503,10 @@ class Engine:
 
     async def _wait_for_step(self, call: StepCall, pending: Reply) -> Reply:
         """A sync push answered 202: wait up to its `wait` seconds for the step, then
-        answer that step (`waited_reply`), or the 202 if it did not happen in time."""
+        answer that step (`waited_reply`), or the 202 if it did not happen in time. An
+        accumulation whose deadline passes meanwhile is resolved by the wait itself
+        (`wait_version`), so a `wait` beyond the session's `timeout` always ends on a
+        step: flushed, or skipped when the session drops."""
         spec = await self._spec(call.tenant, call.session_id)
         step_input = await self._parse_step(call, spec)  # a replayed 202 was not parsed
         wait = min(step_input.wait, self.settings.max_wait)
@@ -463,7 +517,7 @@ class Engine:
             return pending
         current = await self.load_current(call.tenant, call.session_id)
         reply = await self.offload(
-            current.params.size > OFFLOAD_ELEMENTS,
+            heavy(current.spec),
             waited_reply,
             current.spec,
             current.meta,
@@ -482,7 +536,7 @@ class Engine:
         current = await self.load_current(tenant, session_id, with_state=True)
         assert current.state is not None
         return await self.offload(
-            current.params.size > OFFLOAD_ELEMENTS,
+            heavy(current.spec),
             state_io.encode_session,
             current.spec,
             current.meta,
@@ -509,7 +563,7 @@ class Engine:
             extra=file.extra,
             params_version=file.version,
         )
-        blobs = await self.offload(file.params.size > OFFLOAD_ELEMENTS, file.blobs)
+        blobs = await self.offload(heavy(file.spec), file.blobs)
         self._round_trip("create")
         await self.store.create(meta, blobs, self.settings.session_ttl)
         self.cache.put(meta.id, Cached(0, file.params, file.state))
@@ -535,7 +589,7 @@ class Engine:
             )
 
         call = StepCall(tenant, session_id, b"", content_type, False, method="PUT")
-        big = spec.layout.total > OFFLOAD_ELEMENTS
+        big = heavy(spec)
         reply, _ = await self._transact(call, spec, compute, big, None)
         return reply
 
@@ -555,21 +609,27 @@ class Engine:
 
     async def submit_update(self, call: StepCall, round_number: int) -> Reply:
         """A client's update for a round (docs/federated.md): idempotent per client and
-        round through the idempotency record of the key `fed:<round>:<client_id>`."""
+        round through the idempotency record of its internal key (`update_key`; rounds
+        open across an upgrade also find the record of `legacy_update_key`). A different
+        body again is 422 on its `client_id`: the key is no header of the request."""
         spec = await self._federated_spec(call.tenant, call.session_id)
         binary = codecs.is_binary(call.content_type)
         update = await self.offload(
             len(call.body) > OFFLOAD_BYTES, parse_update, spec, call.body, binary
         )
-        keyed = replace(call, idempotency_key=f"fed:{round_number}:{update.client_id}")
+        keyed = replace(call, idempotency_key=update_key(round_number, update.client_id))
 
         async def prepare(_: StepCall, spec: Spec) -> tuple[Compute, bool]:
             def compute(meta: SessionMeta, params: np.ndarray, state: OptState) -> Computed:
                 return compute_update(spec, meta, params, state, update, round_number)
 
-            return compute, spec.layout.total > OFFLOAD_ELEMENTS
+            return compute, heavy(spec)
 
-        reply, _ = await self._idempotent(keyed, prepare)
+        legacy = legacy_update_key(round_number, update.client_id)
+        try:
+            reply, _ = await self._idempotent(keyed, prepare, legacy)
+        except IdempotencyMismatch:
+            raise resubmitted(update.client_id, round_number) from None
         return reply
 
     async def read_round(self, tenant: str, session_id: str, binary: bool) -> Reply:
@@ -587,12 +647,10 @@ class Engine:
                 return done
 
             with suppress(_NothingToCommit):
-                await self._transact(
-                    call, spec, compute, spec.layout.total > OFFLOAD_ELEMENTS, None
-                )
+                await self._transact(call, spec, compute, heavy(spec), None)
         current = await self.load_current(tenant, session_id)
         return await self.offload(
-            current.params.size > OFFLOAD_ELEMENTS,
+            heavy(current.spec),
             round_answer,
             current.spec,
             current.meta,
@@ -612,7 +670,7 @@ class Engine:
         """The session's meta, spec and params of one version (from this replica's cache
         when it holds the stored version), and its state when `with_state`."""
         meta = await self.owned_meta(tenant, session_id, refresh=True)
-        spec = self.spec_of(meta)
+        spec = await self.load_spec(meta)
         cached = self.cache.get(session_id)
         if cached is not None and cached.version == meta.version:
             return Current(meta, spec, cached.params, cached.state, None)
@@ -633,11 +691,15 @@ class Engine:
         self, tenant: str, session_id: str, target: int, timeout: float
     ) -> SessionMeta | None:
         """Poll the session's meta until its `version` (params_version) is at least
-        `target`: that meta, or None after `timeout` seconds."""
+        `target`: that meta, or None after `timeout` seconds. A sync accumulation found
+        past its deadline is resolved on the way (`close_accumulation`), so a push that
+        waits gets its step at the deadline even when nobody else pushes."""
         deadline = time.monotonic() + timeout
         delay = WAIT_POLL_FIRST
         while True:
             meta = await self.owned_meta(tenant, session_id)
+            if meta.params_version < target and await self.close_accumulation(meta):
+                meta = await self.owned_meta(tenant, session_id)
             if meta.params_version >= target:
                 return meta
             left = deadline - time.monotonic()
@@ -645,6 +707,27 @@ class Engine:
                 return None
             await anyio.sleep(min(delay, left))
             delay = min(delay * 1.5, WAIT_POLL_MAX)
+
+    async def close_accumulation(self, meta: SessionMeta) -> bool:
+        """Resolve the sync accumulation of `meta`'s session if its deadline passed
+        (`stepping.close_expired`: flush or drop, as the session says), in a transaction
+        as a step is; whether one was due. Someone else resolving it first (or pushing
+        the last gradient) leaves nothing to commit; so does a transaction that keeps
+        conflicting: the session is moving, the next look sees where it went."""
+        spec = await self.load_spec(meta)
+        if not accumulation_due(spec, meta):
+            return False
+        call = StepCall(meta.tenant, meta.id, b"", None, False)
+
+        def compute(meta: SessionMeta, params: np.ndarray, state: OptState) -> Computed:
+            done = close_expired(spec, meta, params, state)
+            if done is None:  # resolved by someone else meanwhile
+                raise _NothingToCommit()
+            return done
+
+        with suppress(_NothingToCommit, VersionConflict):
+            await self._transact(call, spec, compute, heavy(spec), None)
+        return True
 
     def _replay(self, record: IdempotencyRecord, fp: str) -> Reply:
         if record.fingerprint != fp:
@@ -664,19 +747,32 @@ class Engine:
     # preview --------------------------------------------------------------------------
 
     async def preview(self, request: PreviewRequest) -> dict[str, Any]:
-        try:
-            schedule = parse_schedule(request.schedule)
-        except SpecError as exc:
-            raise spec_error(exc, ["body", "schedule"]) from None
+        """The rates (and cycled momenta) of `request.schedule` on `request.lr`, refused
+        (422) as a session would refuse the schedule or past `MAX_PREVIEW_COST`
+        (`check_preview`). Parsing, checking and evaluating all run in a worker thread:
+        their cost grows with the request (a spec of 32 schedules with 10,000 milestones
+        each takes about 20 ms to parse, 100,000 steps up to a second to evaluate)."""
 
         def run() -> dict[str, Any]:
+            try:
+                schedule = parse_schedule(request.schedule)
+            except SpecError as exc:
+                raise spec_error(exc, ["body", "schedule"]) from None
+            check_preview(schedule, request.lr, request.steps)
+            lrs = schedule.lrs(request.steps, request.lr)
+            bad = np.flatnonzero(~np.isfinite(lrs) | (lrs < 0))
+            if len(bad):  # check_rates rules it out; JSON would say null
+                raise invalid(
+                    ["body", "schedule"],
+                    f"the rate at step {bad[0]} is {lrs[bad[0]]!r}, not a finite number >= 0",
+                )
             momenta = schedule.momenta(request.steps)
             return {
-                "lrs": schedule.lrs(request.steps, request.lr).tolist(),
+                "lrs": lrs.tolist(),
                 "momenta": None if momenta is None else momenta.tolist(),
             }
 
-        return await self.offload(request.steps > 1000, run)
+        return await self.offload(True, run)
 
     # health -----------------------------------------------------------------------------
 
@@ -709,7 +805,20 @@ class Engine:
             if known[0] != tenant:
                 raise SessionNotFound()
             return known[1]
-        return self.spec_of(await self.owned_meta(tenant, session_id))
+        return await self.load_spec(await self.owned_meta(tenant, session_id))
+
+    async def load_spec(self, meta: SessionMeta) -> Spec:
+        """`spec_of(meta)`, parsed in a worker thread when this replica has not parsed it
+        yet and its layout is large (10,000 tensors take about 15 ms to parse)."""
+        known = self._specs.get(meta.id)
+        if known is not None and known[0] == meta.tenant:
+            self._specs.move_to_end(meta.id)
+            return known[1]
+        layout = meta.spec.get("layout")
+        big = isinstance(layout, list) and len(layout) > OFFLOAD_TENSORS
+        spec = await self.offload(big, Spec.load, meta.spec)
+        self._remember_spec(meta.id, meta.tenant, spec)
+        return spec
 
     def spec_of(self, meta: SessionMeta) -> Spec:
         """The parsed spec of `meta`'s session: from memory when this replica parsed it
@@ -739,6 +848,13 @@ class Engine:
         return func(*args)
 
 
+def heavy(spec: Spec) -> bool:
+    """Whether NumPy work on a session of `spec` (a step, decoding or encoding its params
+    and state) runs in a worker thread: its cost grows with the elements and with the
+    tensors (each one a slice, a name and a dict entry to build)."""
+    return spec.layout.total > OFFLOAD_ELEMENTS or len(spec.layout.specs) > OFFLOAD_TENSORS
+
+
 def _run(
     compute: Compute,
     spec: Spec,
@@ -760,11 +876,18 @@ class _NothingToCommit(Exception):
     """A transaction found nothing left to do (raised out of its compute)."""
 
 
-def _pending_doc(spec: Spec, meta: SessionMeta) -> dict[str, int]:
+def _pending_doc(spec: Spec, meta: SessionMeta) -> dict[str, Any]:
+    """A sync session's open accumulation: its version, gradients in, gradients per step,
+    when its first push came and when it is due (Unix times; null when it is empty). A
+    deadline in the past means nobody pushed or waited since: the next to do so
+    resolves it."""
     assert spec.sync is not None
     pending = pending_of(meta)
+    started = pending["started_at"]
     return {
         "base_version": int(pending["base_version"]),
         "count": int(pending["count"]),
         "accumulate": spec.sync.accumulate,
+        "started_at": None if started is None else float(started),
+        "deadline": pending_deadline(spec, meta),
     }

@@ -128,17 +128,18 @@ class IdempotencyInFlight(ApiError):
 
     status, slug, title = 409, "idempotency-key-in-flight", "Idempotency key in flight"
 
-    def __init__(self, retry_after: int = 1) -> None:
+    def __init__(self, retry_after: int = 1, *, federated: bool = False) -> None:
+        # a federated update is keyed by its round and client_id, not by a header
+        what, loc = (
+            ("an update from this client_id for this round", ["body", "client_id"])
+            if federated
+            else ("a request with this Idempotency-Key", ["header", "Idempotency-Key"])
+        )
         msg = (
-            "a request with this Idempotency-Key is still in flight; retry after "
-            f"{retry_after} s (the same key then gets its answer, or is applied if that "
-            "request died)"
+            f"{what} is still in flight; retry after {retry_after} s (the same request "
+            "then gets its answer, or is applied if that request died)"
         )
-        super().__init__(
-            msg,
-            [field_error(["header", "Idempotency-Key"], msg)],
-            headers={"Retry-After": str(retry_after)},
-        )
+        super().__init__(msg, [field_error(loc, msg)], headers={"Retry-After": str(retry_after)})
 
 
 class VersionConflict(ApiError):
@@ -197,13 +198,37 @@ class WaitTimeout(ApiError):
         super().__init__(detail, [], members={"version": version})
 
 
+class NotAcceptable(ApiError):
+    """406: the answer cannot be given in the format `Accept` asks for (an idempotent
+    replay whose recorded answer cannot be re-encoded in that format)."""
+
+    status, slug, title = 406, "not-acceptable", "Not Acceptable"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, [field_error(["header", "Accept"], detail)])
+
+
 class PayloadTooLarge(ApiError):
-    """413: the body is over `settings.max_body_bytes`."""
+    """413: the body is over `settings.max_body_bytes`, or a JSON body over
+    `settings.max_json_body_bytes` (`binary_limit` then says what safetensors may send)."""
 
     status, slug, title = 413, "payload-too-large", "Request body too large"
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"the request body is over the limit of {limit} bytes", [])
+    def __init__(self, limit: int, binary_limit: int | None = None) -> None:
+        self.binary_limit = binary_limit
+        if binary_limit is None:
+            detail = f"the request body is over the limit of {limit} bytes"
+        else:
+            detail = (
+                f"the JSON request body is over the limit of {limit} bytes for JSON "
+                "(max_json_body_bytes); send large tensors as safetensors (Content-Type: "
+                f"{_BINARY}), accepted up to {binary_limit} bytes"
+            )
+        super().__init__(detail, [])
+
+
+#: the safetensors media type (`codecs.BINARY`; codecs imports this module)
+_BINARY = "application/octet-stream"
 
 
 class UnsupportedMediaType(ApiError):
@@ -381,7 +406,9 @@ def install_handlers(app: Starlette, settings: Settings) -> None:
 
 
 class BodyLimit:
-    """ASGI middleware: 413 for a request body over `limit` bytes.
+    """ASGI middleware: 413 for a request body over `limit` bytes, or for a JSON body
+    (any body but safetensors, `application/octet-stream`) over `json_limit`: a parsed
+    JSON number is a Python object, many times its size in the body.
 
     Checks `Content-Length` before the application runs (answering 413 at once), and
     counts the bytes actually received (a chunked body has no Content-Length; a lying
@@ -389,17 +416,26 @@ class BodyLimit:
     passes the limit, which the handlers render (or this middleware, if it escapes).
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, json_limit: int | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.json_limit = limit if json_limit is None else min(json_limit, limit)
+
+    def _error(self, scope: Scope) -> PayloadTooLarge:
+        """The refusal for this request's body: the JSON limit unless it is safetensors."""
+        if self.json_limit >= self.limit or _is_binary(scope):
+            return PayloadTooLarge(self.limit)
+        return PayloadTooLarge(self.json_limit, self.limit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        error = self._error(scope)
+        limit = self.limit if error.binary_limit is None else self.json_limit
         declared = _content_length(scope)
-        if declared is not None and declared > self.limit:
-            await render(PayloadTooLarge(self.limit))(scope, receive, send)
+        if declared is not None and declared > limit:
+            await render(error)(scope, receive, send)
             return
         received = 0
         started = False
@@ -409,8 +445,8 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise PayloadTooLarge(self.limit)
+                if received > limit:
+                    raise error
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -427,14 +463,27 @@ class BodyLimit:
             await render(exc)(scope, receive, send)
 
 
-def _content_length(scope: Scope) -> int | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return bytes(value)
     return None
+
+
+def _content_length(scope: Scope) -> int | None:
+    value = _header(scope, b"content-length")
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        return None
+
+
+def _is_binary(scope: Scope) -> bool:
+    """Whether the body is declared safetensors (`application/octet-stream`)."""
+    value = _header(scope, b"content-type")
+    if value is None:
+        return False
+    return value.split(b";", 1)[0].strip().lower() == _BINARY.encode()
 
 
 # --- OpenAPI -----------------------------------------------------------------------------
@@ -448,6 +497,10 @@ _DESCRIPTIONS = {
         "`Idempotency-Key` still in flight, or a version conflict the server could not "
         "resolve, or a stale gradient (members `version`, `base_version`), or a range test "
         "that is over"
+    ),
+    406: (
+        "An idempotent replay whose recorded answer cannot be re-encoded in the format "
+        "`Accept` asks for"
     ),
     413: "Body over the configured limit",
     415: "Content-Type is neither application/json nor application/octet-stream",

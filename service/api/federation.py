@@ -45,6 +45,32 @@ from service.store.base import SessionBlobs, SessionMeta
 #: the state entries holding the round's updates: `fed.u.<arrival index>`
 UPDATE_PREFIX = "fed.u."
 _CLIENT_ID = re.compile(r"[\x21-\x7e]{1,128}")
+#: starts and separates the internal idempotency key of an update (`update_key`): a
+#: control character, which no `Idempotency-Key` header can hold (printable ASCII only)
+_KEY_SEP = "\x1f"
+
+
+def update_key(round_number: int, client_id: str) -> str:
+    """The idempotency key an update is recorded under: one per client and round, in a
+    namespace of its own (`\\x1ffed\\x1f<round>\\x1f<client_id>`), so that no request's
+    `Idempotency-Key` header can take it or be taken by it."""
+    return f"{_KEY_SEP}fed{_KEY_SEP}{round_number}{_KEY_SEP}{client_id}"
+
+
+def legacy_update_key(round_number: int, client_id: str) -> str:
+    """The key servers before `update_key` recorded an update under (`fed:<round>:<id>`,
+    among header keys): looked up for rounds open across an upgrade, and only taken when
+    its record is of the same update (a header key's record is of another path)."""
+    return f"fed:{round_number}:{client_id}"
+
+
+def resubmitted(client_id: str, round_number: int) -> Invalid:
+    """422: the client already sent a different update for this round."""
+    return invalid(
+        ["body", "client_id"],
+        f"client {client_id!r} already sent a different update for round {round_number} "
+        "(the same body again gets the first answer)",
+    )
 
 
 class RoundClosed(ApiError):
@@ -76,7 +102,7 @@ def parse_update(spec: Spec, body: bytes, binary: bool) -> Update:
     """An update body (JSON or binary) checked against the session's layout."""
     assert spec.federated is not None
     if binary:
-        raw, metadata = codecs.load_binary(body)
+        raw, metadata = codecs.load_binary(body, len(spec.layout.names) + codecs.SPARE_TENSORS)
         data: dict[str, Any] = {
             "client_id": metadata.get("client_id"),
             "num_examples": codecs.metadata_int(metadata, "num_examples", ["body", "num_examples"]),
@@ -162,11 +188,7 @@ def compute_update(
         )
     record = round_state(spec, meta)
     if update.client_id in record["clients"]:
-        raise invalid(
-            ["body", "client_id"],
-            f"client {update.client_id!r} already sent a different update for round "
-            f"{round_number} (the same body again gets the first answer)",
-        )
+        raise resubmitted(update.client_id, round_number)
     delta = update.tensors if update.kind == "delta" else np.subtract(update.tensors, params)
     opt, own = split_state(state)
     own.arrays[f"{UPDATE_PREFIX}{len(record['clients'])}"] = delta

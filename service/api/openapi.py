@@ -38,6 +38,7 @@ from service.api.errors import (
     Invalid,
     NoAverage,
     NoRangeTest,
+    NotAcceptable,
     PayloadTooLarge,
     RangeTestOver,
     SessionNotFound,
@@ -391,6 +392,15 @@ def _problem_examples() -> dict[tuple[str, int], dict[str, Any]]:
                 UnsupportedMediaType(
                     f"Content-Type must be {JSON} or {BINARY}, not 'text/plain'",
                     [field_error(["header", "Content-Type"], media)],
+                ).problem(),
+            )
+        },
+        ("*", 406): {
+            "not-acceptable": _ex(
+                NotAcceptable.title,
+                NotAcceptable(
+                    "the recorded answer to this Idempotency-Key cannot be given as "
+                    "application/octet-stream; ask for application/json"
                 ).problem(),
             )
         },

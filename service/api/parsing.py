@@ -4,6 +4,11 @@ Everything here runs before anything is stored or an idempotency key is claimed
 (DESIGN.md, decision 5): `parse_create` builds the session's `Spec` and flat params,
 `parse_step` a `StepInput` checked against the session's layout (names, shapes,
 numbers, finiteness unless the session skips non-finite steps) and its loss.
+
+A schedule is refused (422) unless its rate is finite and >= 0 at every step it can
+reach on the optimizer's `lr` (`check_rates`), at create, at import (which goes through
+`build_spec`) and at preview; a preview is also held to `MAX_PREVIEW_COST` schedule
+evaluations (`check_preview`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from service.core.errors import LayoutError, SpecError
 from service.core.federated import get_server_optimizer, parse_federated, parse_server_hyper
 from service.core.lr_finder import parse_lr_finder_config
 from service.core.optim import get_optimizer, parse_hyper
-from service.core.schedules import parse_schedule
+from service.core.schedules import Schedule, check_rates, parse_schedule
 from service.core.schedules.momentum import supports_momentum
 
 
@@ -57,7 +62,7 @@ def parse_create(body: bytes, binary: bool, limits: Limits) -> tuple[Spec, np.nd
     `limits`."""
     tensors: dict[str, np.ndarray]
     if binary:
-        raw, metadata = codecs.load_binary(body)
+        raw, metadata = codecs.load_binary(body, limits.max_tensors)
         data: dict[str, Any] = {"params": {}}
         for name in _JSON_METADATA:
             if name in metadata:
@@ -71,9 +76,7 @@ def parse_create(body: bytes, binary: bool, limits: Limits) -> tuple[Spec, np.nd
         tensors = {n: codecs.binary_tensor(a, ["body", "params", n]) for n, a in raw.items()}
     else:
         request = validate_model(CreateSession, codecs.load_json(body))
-        tensors = {
-            n: codecs.json_tensor(v, ["body", "params", n]) for n, v in request.params.items()
-        }
+        tensors = codecs.json_tensors(request.params, ["body", "params"])  # frees the lists
     spec = build_spec(request, tensors, limits)
     with np.errstate(over="ignore"):
         params = spec.layout.flatten(tensors, spec.dtype)
@@ -107,6 +110,7 @@ def build_spec(request: CreateSession, tensors: Mapping[str, np.ndarray], limits
     if request.schedule is not None:
         try:
             schedule = parse_schedule(request.schedule)
+            check_rates(schedule, hp.lr)
         except SpecError as exc:
             raise spec_error(exc, ["body", "schedule"]) from None
         if schedule.momentum(0) is not None and not supports_momentum(hp):
@@ -163,6 +167,31 @@ def build_spec(request: CreateSession, tensors: Mapping[str, np.ndarray], limits
     )
 
 
+#: the most schedule evaluations one preview (or schedule plot) may ask for: its steps
+#: times the schedules in its spec (`Schedule.nodes`, nested ones included); about a
+#: second of a worker thread's time at the most
+MAX_PREVIEW_COST = 2_000_000
+
+
+def check_preview(schedule: Schedule, lr: float, steps: int) -> None:
+    """Refuse (422) a preview of `schedule` on the optimizer's `lr` over `steps` steps
+    when a session would refuse the schedule (`check_rates`: its rate is not finite at
+    some step it can reach), or when it costs more than `MAX_PREVIEW_COST` evaluations.
+    What passes gives a finite rate >= 0 at every step."""
+    try:
+        check_rates(schedule, lr)
+    except SpecError as exc:
+        raise spec_error(exc, ["body", "schedule"]) from None
+    cost = steps * schedule.nodes
+    if cost > MAX_PREVIEW_COST:
+        raise invalid(
+            ["body", "steps"],
+            f"{steps} steps of a spec of {schedule.nodes} schedules is {cost} schedule "
+            f"evaluations, over the limit of {MAX_PREVIEW_COST}; ask for at most "
+            f"{MAX_PREVIEW_COST // schedule.nodes} steps",
+        )
+
+
 F = TypeVar("F")
 
 
@@ -181,7 +210,7 @@ def parse_step(spec: Spec, body: bytes, binary: bool) -> StepInput:
     """A step body (JSON or binary) checked against `spec`, before any write."""
     arrays: dict[str, np.ndarray]
     if binary:
-        raw, metadata = codecs.load_binary(body)
+        raw, metadata = codecs.load_binary(body, len(spec.layout.names) + codecs.SPARE_TENSORS)
         arrays = {n: codecs.binary_tensor(a, ["body", "grads", n]) for n, a in raw.items()}
         loss = codecs.metadata_number(metadata, "loss", ["body", "loss"])
         ret = metadata.get("return", "params")
@@ -198,7 +227,7 @@ def parse_step(spec: Spec, body: bytes, binary: bool) -> StepInput:
         request = validate_model(StepRequest, options)
     else:
         request = validate_model(StepRequest, codecs.load_json(body))
-        arrays = {n: codecs.json_tensor(v, ["body", "grads", n]) for n, v in request.grads.items()}
+        arrays = codecs.json_tensors(request.grads, ["body", "grads"])  # frees the lists
         loss, ret, skip_missing = request.loss, request.return_, request.skip_missing
     base_version, wait = request.base_version, request.wait
     _check_features(spec, loss, ret, skip_missing, base_version)

@@ -31,7 +31,12 @@ router = APIRouter(prefix="/v1/schedules", tags=["schedules"], dependencies=[Dep
 )
 async def preview(request: PreviewRequest, _: Tenant, engine: EngineDep) -> PreviewResponse:
     """The rate at steps `0 .. steps-1`: exactly what a session with that optimizer `lr`
-    and schedule would use (and the cycled momentum, for schedules that cycle one)."""
+    and schedule would use (and the cycled momentum, for schedules that cycle one).
+
+    422 for a schedule a session would refuse (over the caps on nesting, schedules and
+    list lengths, or a rate that is not finite at some step it can reach with that `lr`)
+    and for more than 2,000,000 schedule evaluations (`steps` times the schedules in the
+    spec, nested ones included); every rate answered is a finite number >= 0."""
     return PreviewResponse.model_validate(await engine.preview(request))
 
 
@@ -47,6 +52,6 @@ async def preview(request: PreviewRequest, _: Tenant, engine: EngineDep) -> Prev
 )
 async def preview_png(request: PreviewPlotRequest, _: Tenant, engine: EngineDep) -> Response:
     """The preview's rates (and cycled momentum) against the step as a PNG, with
-    `current_step` marked when given."""
+    `current_step` marked when given; refused (422) as the preview is."""
     data = await views.preview_png(engine, request)
     return Response(data, media_type="image/png", headers={"Cache-Control": "no-store"})

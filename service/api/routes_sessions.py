@@ -196,7 +196,8 @@ async def get_params(
             "`skipped` and `clipped` (`true` / `false`), `grad_norm` (absent when the "
             "gradient was non-finite), `staleness`, `contributors` and `return`.",
         ),
-        **problems(400, 401, 404, 409, 413, 415, 422, 503),
+        # 406: a replay asked for a format its recorded answer cannot be given in
+        **problems(400, 401, 404, 406, 409, 413, 415, 422, 503),
     },
     openapi_extra=_binary_body(
         "StepRequest",

@@ -114,8 +114,10 @@ class CreateSession(BaseModel):
     nonfinite: NonFinitePolicy | None = Field(
         None,
         description=(
-            'a gradient holding NaN/inf: refuse the step with 422 ("error", default) or '
-            'commit a skipped step that changes nothing but the version ("skip") (extension)'
+            "a gradient holding NaN/inf, or a step whose result (params or any optimizer "
+            'state) would: refuse the step with 422 naming the tensors ("error", default) '
+            'or commit a skipped step that changes nothing but the version ("skip"); a '
+            "non-finite result is never stored (extension)"
         ),
     )
     lr_finder: dict[str, Any] | None = Field(
@@ -142,9 +144,11 @@ class CreateSession(BaseModel):
         description=(
             'how concurrent workers combine: {"mode": "async", "max_staleness": S, '
             '"staleness_damping": "none" | "inverse"} (default) or {"mode": "sync", '
-            '"accumulate": K, "reduce": "mean" | "sum"} (extension)'
+            '"accumulate": K, "reduce": "mean" | "sum", "timeout": seconds (60; an '
+            "accumulation still open that long after its first push is resolved), "
+            '"on_timeout": "flush" | "drop"} (extension)'
         ),
-        examples=[{"mode": "sync", "accumulate": 4}],
+        examples=[{"mode": "sync", "accumulate": 4, "timeout": 30.0, "on_timeout": "flush"}],
     )
     history: int | None = Field(
         None,
@@ -272,6 +276,24 @@ SESSION_EXAMPLE: dict[str, Any] = {
 }
 
 
+class PendingDoc(BaseModel):
+    """A sync session's open accumulation, in its document (docs/training.md)."""
+
+    base_version: int = Field(description="the version the gradients are accumulated on")
+    count: int = Field(description="gradients accumulated so far")
+    accumulate: int = Field(description="gradients per step")
+    started_at: float | None = Field(
+        None, description="Unix time of the accumulation's first push (null when empty)"
+    )
+    deadline: float | None = Field(
+        None,
+        description=(
+            "Unix time from which the next push or waiting reader resolves the "
+            "accumulation as `on_timeout` says: `started_at + timeout` (null when empty)"
+        ),
+    )
+
+
 class SessionDoc(BaseModel):
     """A session (`GET /v1/sessions/{id}`, and the answer to create)."""
 
@@ -295,9 +317,8 @@ class SessionDoc(BaseModel):
     swa: dict[str, Any] | None = Field(None, description="SWA settings (extension)")
     consistency: dict[str, Any] | None = Field(None, description="(extension)")
     history: int = Field(0, description="history entries kept (extension)")
-    pending: dict[str, int] | None = Field(
-        None,
-        description="sync sessions: `base_version`, `count` pushed, `accumulate` (extension)",
+    pending: PendingDoc | None = Field(
+        None, description="sync sessions: the open accumulation (extension)"
     )
     federated: dict[str, Any] | None = Field(None, description="federated settings (extension)")
     round: int | None = Field(None, description="federated sessions: the open round")
@@ -453,6 +474,17 @@ class HistoryEntry(BaseModel):
     skipped: bool | None = None
     staleness: int | None = None
     contributors: int | None = None
+    flushed: bool | None = Field(
+        None,
+        description=(
+            "sync: the step applied an accumulation at its deadline, with `contributors` "
+            "gradients, fewer than `accumulate`"
+        ),
+    )
+    dropped: int | None = Field(
+        None,
+        description="sync: gradients discarded at the accumulation's deadline (a skipped step)",
+    )
 
 
 class HistoryResponse(BaseModel):
@@ -589,6 +621,7 @@ __all__ = [
     "MetricsResponse",
     "NonFinitePolicy",
     "ParamsResponse",
+    "PendingDoc",
     "PendingResponse",
     "PreviewPlotRequest",
     "PreviewRequest",

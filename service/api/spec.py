@@ -7,6 +7,11 @@ range test, parameter averages, consistency, history length). `Spec.stored()` is
 existed loads with that field's default); the schedule state goes through
 `encode_schedule_state` / `decode_schedule_state` (non-finite floats as strings, since
 JSON cannot hold them).
+
+A stored spec is read back even when today's rules would refuse it at create (a
+schedule nested deeper or holding more schedules than `parse_schedule`'s caps allow, or
+one whose rate overflows, stored by older code): every read of a session parses its spec,
+and a read must not fail because of what one session holds.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from pydantic import TypeAdapter, ValidationError
 
 from service.core import FlatLayout, GradientTransforms
 from service.core.averaging import EMAConfig, SWAConfig, parse_ema, parse_swa
 from service.core.consistency import Consistency, SyncConsistency, parse_consistency
+from service.core.errors import ScheduleError
 from service.core.federated import (
     FederatedConfig,
     get_server_optimizer,
@@ -29,7 +36,7 @@ from service.core.federated import (
 )
 from service.core.lr_finder import LRFinderConfig, parse_lr_finder_config, ramp_lr
 from service.core.optim import Hyper, Optimizer, get_optimizer, parse_hyper
-from service.core.schedules import Schedule, ScheduleState, parse_schedule
+from service.core.schedules import Schedule, ScheduleSpec, ScheduleState, parse_schedule
 from service.core.schedules.momentum import with_momentum
 
 #: the format tag of a stored spec
@@ -99,7 +106,7 @@ class Spec:
         federated = _maybe(parse_federated, stored.get("federated"))
         hp = (parse_hyper if federated is None else parse_server_hyper)(stored["optimizer"])
         optimizer = (get_optimizer if federated is None else get_server_optimizer)(hp.name)
-        schedule = None if stored.get("schedule") is None else parse_schedule(stored["schedule"])
+        schedule = None if stored.get("schedule") is None else _stored_schedule(stored["schedule"])
         return cls(
             hp=hp,
             optimizer=optimizer,
@@ -129,6 +136,25 @@ class Spec:
         if self.schedule is None:
             return self.hp
         return with_momentum(self.hp, self.schedule.momentum(t))
+
+
+#: schedule specs validated without the caps of `parse_schedule` (stored ones only)
+_STORED_SCHEDULE: TypeAdapter[Schedule] = TypeAdapter(ScheduleSpec)
+
+
+def _stored_schedule(data: Any) -> Schedule:
+    """A stored schedule spec: as `parse_schedule` reads it or, for one stored before its
+    caps (nesting, schedules in all, list lengths) and over them, validated without them
+    (it was validated when stored; evaluating it costs O(its size) all the same)."""
+    try:
+        return parse_schedule(data)
+    except ScheduleError as exc:
+        if not isinstance(data, Mapping):
+            raise
+        try:
+            return _STORED_SCHEDULE.validate_python(dict(data))
+        except ValidationError:
+            raise exc from None
 
 
 def _dump(model: Any) -> dict[str, Any] | None:

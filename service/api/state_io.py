@@ -29,7 +29,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from service.api import codecs
 from service.api.errors import (
-    BadRequest,
     Invalid,
     Loc,
     UnsupportedMediaType,
@@ -82,9 +81,6 @@ _MAX_DIMS = tensorfile.MAX_DIMS
 _TENSORS_PER_TENSOR = 16
 #: tensors of a file besides those: the scalar/<key> entries
 _EXTRA_TENSORS = 64
-#: header bytes a file may spend per tensor it may hold (entry, name, layout entry)
-_HEADER_BYTES_PER_TENSOR = 1024
-_HEADER_BYTES_BASE = 1024 * 1024
 #: how deep the JSON of spec, schedule state and `extra` may nest (they need a few levels)
 _MAX_DEPTH = 32
 
@@ -199,17 +195,9 @@ def replaced_meta(meta: SessionMeta, file: SessionFile, now: float) -> SessionMe
 
 def _load(body: bytes, limits: Limits) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The file's tensors and metadata, within what a session of `limits` can need (400
-    when it is not a safetensors file, as `codecs.load_binary` answers)."""
-    allowed = limits.max_tensors * _TENSORS_PER_TENSOR + _EXTRA_TENSORS
-    header_bytes = min(
-        tensorfile.MAX_HEADER_BYTES, _HEADER_BYTES_BASE + allowed * _HEADER_BYTES_PER_TENSOR
-    )
-    try:
-        return tensorfile.decode(body, max_header_bytes=header_bytes, max_tensors=allowed)
-    except tensorfile.TensorFileError as exc:
-        raise BadRequest(
-            f"the body is not a valid safetensors file: {exc}", [field_error(["body"], str(exc))]
-        ) from None
+    when it is not a safetensors file, or its header is over that budget, as
+    `codecs.load_binary` answers)."""
+    return codecs.load_binary(body, limits.max_tensors * _TENSORS_PER_TENSOR + _EXTRA_TENSORS)
 
 
 def _short(value: object, limit: int = 80) -> str:
@@ -494,11 +482,16 @@ def _check_next_rate(
 
 
 class _Pending(BaseModel):
+    """A sync session's accumulation; `started_at` (Unix time of its first push) may be
+    absent or null, as in files written before accumulations had deadlines (the session
+    then counts from its `updated_at`: `stepping.pending_of`)."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
     base_version: int = Field(ge=0)
     count: int = Field(ge=0)
     losses: list[float | None] | None
+    started_at: float | None = Field(None, ge=0, allow_inf_nan=False)
 
 
 class _Last(BaseModel):
@@ -508,6 +501,9 @@ class _Last(BaseModel):
     grad_norm: float | None
     clipped: bool
     skipped: bool
+    #: gradients combined into that step (0: an accumulation dropped at its deadline);
+    #: absent in files written before accumulations had deadlines
+    contributors: int | None = Field(None, ge=0, le=2**53 - 1)
 
 
 class _Round(BaseModel):

@@ -28,6 +28,12 @@ current version; it is added to `acc.sum` and counted in `meta.extra["pending"]`
 push that makes the count `accumulate` applies the combined gradient as one step (mean
 or sum) with the mean of the pushes' losses (when all sent one). The others answer 202.
 `meta.extra["last"]` keeps the last step's rate and norms for pushes that wait for it.
+The pending record keeps `started_at`, the time of the accumulation's first push; once
+`started_at + timeout` passed, the accumulation is resolved as `on_timeout` says, by the
+next push (`compute_step`: "flush" makes that push the last contributor of a step of
+fewer than `accumulate`; "drop" discards the accumulation as a skipped step, then that
+push, computed on the same params, starts the next one) or by a reader waiting for the
+step (`close_expired`, through the engine).
 
 **Tensors without a gradient** (`skip_missing`): the flat update runs with zeros in
 their segments, after which their segments of the params and of every optimizer state
@@ -56,6 +62,8 @@ from service.core.averaging import update_averages
 from service.core.consistency import (
     AsyncConsistency,
     ConsistencyError,
+    accumulation_deadline,
+    accumulation_expired,
     damped_lr,
     reduce_grads,
     staleness,
@@ -128,18 +136,80 @@ def range_test_state(meta: SessionMeta) -> LRFinderState:
 
 
 def pending_of(meta: SessionMeta) -> dict[str, Any]:
-    """A sync session's accumulation: `base_version`, `count`, `losses` (None once a push
-    came without a loss)."""
+    """A sync session's accumulation on its current version: `base_version`, `count`,
+    `losses` (None once a push came without a loss) and `started_at` (Unix time of its
+    first push; None when it is empty).
+
+    A record written before accumulations had deadlines has no `started_at`: it counts
+    from the session's `updated_at` (its last change, no earlier than its last push), so
+    its deadline comes no earlier than it would have; the next push writes that down. An
+    accumulation cannot start after the session's last change: a later `started_at` (a
+    state file's, another replica's clock) reads as `updated_at`, so no record can put
+    its deadline out of reach."""
     pending = meta.extra.get("pending")
-    if pending is None or pending.get("base_version") != meta.params_version:
-        return {"base_version": meta.params_version, "count": 0, "losses": []}
-    return dict(pending)
+    if (
+        pending is None
+        or pending.get("base_version") != meta.params_version
+        or not pending.get("count")
+    ):
+        return _empty_pending(meta.params_version)
+    got = dict(pending)
+    started = got.get("started_at")
+    updated = float(meta.updated_at)
+    got["started_at"] = updated if started is None else min(float(started), updated)
+    return got
+
+
+def _empty_pending(version: int) -> dict[str, Any]:
+    return {"base_version": version, "count": 0, "losses": [], "started_at": None}
+
+
+def pending_deadline(spec: Spec, meta: SessionMeta) -> float | None:
+    """When a sync session's open accumulation is due (Unix time; None when nothing is
+    pending or the session is not sync)."""
+    if spec.sync is None:
+        return None
+    started = pending_of(meta)["started_at"]
+    return None if started is None else accumulation_deadline(spec.sync, float(started))
+
+
+def accumulation_due(spec: Spec, meta: SessionMeta) -> bool:
+    """Whether a sync session's open accumulation passed its deadline, now: the next
+    push or waiting reader resolves it (`close_expired`)."""
+    if spec.sync is None:
+        return False
+    pending = pending_of(meta)
+    return accumulation_expired(
+        spec.sync, int(pending["count"]), pending["started_at"], time.time()
+    )
+
+
+def _mean_loss(losses: list[float | None] | None) -> float | None:
+    """The step's loss from the pushes' (None when one came without; NaN when one was
+    non-finite, which the store keeps as null)."""
+    if not losses:
+        return None
+    return float(np.mean([math.nan if x is None else x for x in losses]))
 
 
 def current_lr(spec: Spec, meta: SessionMeta) -> float:
-    """The rate the next step will use (before any staleness damping)."""
+    """The rate the next step will use (before any staleness damping), as the session
+    document, the listing, history entries and exports report it: always a finite
+    number >= 0, and never an exception, since every read of a session goes through it.
+
+    Sessions created now cannot have anything else (`check_rates` refuses a schedule
+    whose rate is not finite at a step it can reach), but one stored by older code can:
+    a rate past the float range (`exponential` with gamma 1e300 at step 2), or no rate
+    at all (an error, a NaN), reads as the largest finite float (1.8e308). A step at
+    such a rate is refused (422, nothing applied: its result is not finite)."""
     ramp = len(range_test_state(meta).lrs) if spec.lr_finder is not None else 0
-    return spec.lr(meta.step, decode_schedule_state(meta.schedule_state), ramp)
+    try:
+        rate = float(spec.lr(meta.step, decode_schedule_state(meta.schedule_state), ramp))
+    except (ArithmeticError, ValueError, TypeError, KeyError):
+        rate = math.inf
+    if not math.isfinite(rate):  # inf, or NaN
+        return float(np.finfo(np.float64).max)
+    return max(rate, 0.0)
 
 
 # --- a step ------------------------------------------------------------------------------
@@ -169,6 +239,7 @@ def compute_step(
             )
     grads, loss, contributors = step_input.grads, step_input.loss, 1
     extra = dict(meta.extra)
+    history_extra: dict[str, Any] | None = None
     sync = spec.sync
     if sync is not None:
         assert step_input.base_version is not None  # parse_step insists
@@ -180,7 +251,17 @@ def compute_step(
                 version,
                 step_input.base_version,
             )
+        now = time.time()
         pending = pending_of(meta)
+        due = accumulation_expired(sync, int(pending["count"]), pending["started_at"], now)
+        dropped: bytes | None = None
+        if due and sync.on_timeout == "drop":
+            # the expired accumulation goes first, as a skipped step that leaves params,
+            # state and rate as they were: this push, computed on those same params,
+            # starts the next accumulation, on the new version
+            meta, dropped = _dropped(spec, meta, own, extra, int(pending["count"]), now)
+            extra, version = dict(meta.extra), meta.params_version
+            pending, due = pending_of(meta), False
         count = int(pending["count"]) + 1
         with np.errstate(over="ignore"):
             total = grads.copy() if count == 1 else np.add(own.arrays[ACC_SUM], grads)
@@ -190,15 +271,25 @@ def compute_step(
             raise nonfinite_grads(*find_nonfinite(total, spec.layout))
         losses = pending["losses"]
         losses = None if losses is None or loss is None else [*losses, loss]
-        if count < sync.accumulate:
+        if count < sync.accumulate and not due:
             own.arrays[ACC_SUM] = total
-            extra["pending"] = {"base_version": version, "count": count, "losses": losses}
-            return _pending(spec, meta, params, join_state(opt, own), extra, count)
+            started = now if count == 1 else float(pending["started_at"])
+            extra["pending"] = {
+                "base_version": version,
+                "count": count,
+                "losses": losses,
+                "started_at": started,
+            }
+            done = _pending(spec, meta, params, join_state(opt, own), extra, count)
+            done.history = dropped
+            return done
+        if count < sync.accumulate:  # the deadline passed: this push is the last one
+            history_extra = {"flushed": True}
         grads = reduce_grads(total, count, sync.reduce)
-        loss = None if losses is None else float(np.mean(losses))
+        loss = _mean_loss(losses)
         contributors = count
         own.arrays.pop(ACC_SUM, None)
-        extra["pending"] = {"base_version": version + 1, "count": 0, "losses": []}
+        extra["pending"] = _empty_pending(version + 1)
     elif too_stale(spec.consistency, stale):
         assert step_input.base_version is not None
         assert stale is not None
@@ -211,7 +302,19 @@ def compute_step(
             step_input.base_version,
         )
     return apply_step(
-        spec, meta, params, opt, own, extra, grads, loss, step_input, stale, contributors, binary
+        spec,
+        meta,
+        params,
+        opt,
+        own,
+        extra,
+        grads,
+        loss,
+        step_input,
+        stale,
+        contributors,
+        binary,
+        history_extra=history_extra,
     )
 
 
@@ -311,7 +414,13 @@ def apply_step(
         new_blobs = SessionBlobs(new_params.tobytes(), new_state.to_bytes())
     grad_norm = result.grad_norm if math.isfinite(result.grad_norm) else None
     if spec.sync is not None:  # what pushes that waited for this step are answered
-        last = {"lr": lr, "grad_norm": grad_norm, "clipped": result.clipped, "skipped": skipped}
+        last = {
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "clipped": result.clipped,
+            "skipped": skipped,
+            "contributors": contributors,
+        }
         new_meta = new_meta.evolve(extra={**new_meta.extra, "last": last})
     counters: dict[str, Any] = {
         "step": new_meta.step,
@@ -415,6 +524,102 @@ def _pending(
     return Computed(new_meta, blobs, reply, Cached(new_meta.version, params, state), "pending")
 
 
+def _dropped(
+    spec: Spec,
+    meta: SessionMeta,
+    own: OptState,
+    extra: dict[str, Any],
+    count: int,
+    now: float,
+) -> tuple[SessionMeta, bytes | None]:
+    """Discard an expired sync accumulation of `count` gradients (`on_timeout: "drop"`)
+    as a skipped step: `acc.sum` leaves `own`; `version` and `skipped` go up by one while
+    params, optimizer state, `step` and schedule stay; `last` tells the pushes waiting for
+    the version that their step was skipped. The new meta (its store revision is left to
+    the caller's commit: `meta.version` unchanged) and the history entry, which records
+    `dropped: count` and `contributors: 0`."""
+    own.arrays.pop(ACC_SUM, None)
+    lr = current_lr(spec, meta)
+    version = meta.params_version + 1
+    last = {"lr": lr, "grad_norm": None, "clipped": False, "skipped": True, "contributors": 0}
+    new_meta = meta.evolve(
+        params_version=version,
+        skipped=meta.skipped + 1,
+        extra={**extra, "pending": _empty_pending(version), "last": last},
+        updated_at=now,
+    )
+    entry = None
+    if spec.history > 0:
+        entry = _history_entry(
+            "step",
+            new_meta,
+            now,
+            lr,
+            None,
+            grad_norm=None,
+            update_norm=0.0,
+            skipped=True,
+            staleness=None,
+            contributors=0,
+            dropped=count,
+        )
+    return new_meta, entry
+
+
+def close_expired(
+    spec: Spec, meta: SessionMeta, params: np.ndarray, state: OptState
+) -> Computed | None:
+    """Resolve a sync accumulation whose deadline passed, as the session's `on_timeout`
+    says, for a reader that waits for its step (nobody may push again): "flush" applies
+    the combined gradients that arrived as one step (history: `flushed`), leniently (a
+    non-finite result is skipped rather than refused: the accumulation must close);
+    "drop" discards them as a skipped step (`_dropped`). None when there is nothing to
+    resolve: not sync, nothing pending, not due yet, or resolved by someone else."""
+    sync = spec.sync
+    if sync is None:
+        return None
+    now = time.time()
+    pending = pending_of(meta)
+    count = int(pending["count"])
+    if not accumulation_expired(sync, count, pending["started_at"], now):
+        return None
+    opt, own = split_state(state)
+    extra = dict(meta.extra)
+    if sync.on_timeout == "drop":
+        dropped, entry = _dropped(spec, meta, own, extra, count, now)
+        new_meta = dropped.evolve(version=meta.version + 1)
+        new_state = join_state(opt, own)
+        body = {"step": new_meta.step, "version": new_meta.params_version, "dropped": count}
+        return Computed(
+            new_meta,
+            SessionBlobs(params.tobytes(), new_state.to_bytes()),
+            codecs.json_reply(body),
+            Cached(new_meta.version, params, new_state),
+            "dropped",
+            entry,
+        )
+    total = own.arrays.pop(ACC_SUM)
+    loss = _mean_loss(pending["losses"])
+    grads = reduce_grads(total, count, sync.reduce)
+    extra["pending"] = _empty_pending(meta.params_version + 1)
+    return apply_step(
+        spec,
+        meta,
+        params,
+        opt,
+        own,
+        extra,
+        grads,
+        loss,
+        StepInput(grads, loss, "none", base_version=meta.params_version),
+        0,
+        count,
+        False,
+        history_extra={"flushed": True},
+        lenient=True,
+    )
+
+
 def _tensor_reply(
     counters: dict[str, Any], ret: str, tensors: dict[str, np.ndarray] | None, binary: bool
 ) -> Reply:
@@ -430,8 +635,10 @@ def waited_reply(
     spec: Spec, meta: SessionMeta, params: np.ndarray, ret: str, binary: bool
 ) -> Reply:
     """The answer to a sync push whose step happened while it waited: the counters and
-    params of the version the wait ended on, with that version's step's rate and norms."""
+    params of the version the wait ended on, with that version's step's rate and norms
+    (`skipped` for an accumulation dropped at its deadline)."""
     last = meta.extra.get("last") or {}
+    accumulate = spec.sync.accumulate if spec.sync is not None else 1
     counters: dict[str, Any] = {
         "step": meta.step,
         "version": meta.params_version,
@@ -440,7 +647,7 @@ def waited_reply(
         "grad_norm": last.get("grad_norm"),
         "clipped": bool(last.get("clipped", False)),
         "staleness": 0,
-        "contributors": spec.sync.accumulate if spec.sync is not None else 1,
+        "contributors": accumulate if last.get("contributors") is None else last["contributors"],
     }
     tensors = spec.layout.unflatten(params) if ret == "params" else None
     return _tensor_reply(counters, ret, tensors, binary)

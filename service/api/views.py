@@ -3,7 +3,10 @@ reached), the range-test result and plot, the history, the schedule plot.
 
 Each takes the engine (for its store, cache and waiting) and answers encoded bytes or
 JSON-ready data; nothing here writes. Plots are drawn in a worker thread (matplotlib
-takes tens of milliseconds), so the event loop keeps serving.
+takes tens of milliseconds), so the event loop keeps serving; what a plot draws is
+computed there too (its cost grows with its steps and the session's history), and a
+plot draws whatever values it is given (only the finite ones show), so one session's
+numbers never make a read fail.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from service.api import codecs
 from service.api.codecs import Reply
 from service.api.engine import OFFLOAD_ELEMENTS, Engine
 from service.api.errors import NoAverage, NoRangeTest, WaitTimeout, invalid, spec_error
+from service.api.parsing import MAX_PREVIEW_COST, check_preview
 from service.api.schemas import PreviewPlotRequest
 from service.api.spec import Spec
 from service.api.stepping import current_lr, range_test_state, split_state
@@ -150,53 +154,85 @@ async def schedule_png(engine: Engine, tenant: str, session_id: str, steps: int 
     A range test draws its ramp; a loss-driven schedule (plateau) draws the rates its
     steps used (from the history; gaps where the history no longer reaches) and the
     current rate from the current step on, since later rates depend on losses not yet
-    reported."""
+    reported.
+
+    Without `steps` it draws `max(100, 2 * step)` steps, at most `MAX_PLOT_STEPS` and the
+    `MAX_PREVIEW_COST` evaluations a preview may take (so a session's own numbers never
+    make its plot fail); `steps` past either is a 422 naming the limit. The rates are
+    computed and drawn in a worker thread, and only finite ones are drawn."""
     meta, spec = await _meta_spec(engine, tenant, session_id)
-    n = max(100, 2 * meta.step) if steps is None else steps
-    if not 1 <= n <= MAX_PLOT_STEPS:
-        raise invalid(["query", "steps"], f"must be in [1, {MAX_PLOT_STEPS}]: got {n}")
-    rates: np.ndarray | None = None
+    schedule = spec.schedule
+    nodes = 1 if schedule is None else schedule.nodes
+    most = max(1, min(MAX_PLOT_STEPS, MAX_PREVIEW_COST // nodes))
+    if steps is None:
+        n = min(max(100, 2 * meta.step), most)
+    elif not 1 <= steps <= MAX_PLOT_STEPS:
+        raise invalid(["query", "steps"], f"must be in [1, {MAX_PLOT_STEPS}]: got {steps}")
+    elif steps > most:
+        raise invalid(
+            ["query", "steps"],
+            f"{steps} steps of a spec of {nodes} schedules is {steps * nodes} schedule "
+            f"evaluations, over the limit of {MAX_PREVIEW_COST}; ask for at most {most} steps",
+        )
+    else:
+        n = steps
     current = meta.step
     title = None
+    raw_history: list[bytes] = []
+    lr_now = current_lr(spec, meta)
     if spec.lr_finder is not None:
         config = spec.lr_finder
         n = config.num_steps if steps is None else n
-        rates = np.array([ramp_lr(config, min(i, config.num_steps - 1)) for i in range(n)])
         current = len(range_test_state(meta).lrs)
         title = f"LR range test ramp ({config.mode}), {config.num_steps} steps"
-    elif spec.schedule is not None and spec.schedule.stateful:
-        rates = np.full(n, math.nan)
-        for raw in await engine.store.history(session_id, spec.history):
-            entry = orjson.loads(raw)
-            if entry.get("kind") == "step" and not entry.get("skipped"):
-                t = int(entry["step"]) - 1
-                if 0 <= t < n:
-                    rates[t] = float(entry["lr"])
-        lr_now = current_lr(spec, meta)
-        rates[min(meta.step, n) :] = lr_now
-        title = f"{spec.schedule.name}: rates used so far, {lr_now:g} from step {meta.step} on"
+    elif schedule is not None and schedule.stateful:
+        raw_history = await engine.store.history(session_id, spec.history)
+        title = f"{schedule.name}: rates used so far, {lr_now:g} from step {meta.step} on"
     marked = current if current < n else None
-    schedule = spec.schedule
 
     def draw() -> bytes:
+        rates: np.ndarray | None = None
+        if spec.lr_finder is not None:
+            config = spec.lr_finder
+            last = config.num_steps - 1
+            rates = np.array([ramp_lr(config, min(i, last)) for i in range(n)])
+        elif schedule is not None and schedule.stateful:
+            rates = _used_rates(raw_history, n)
+            rates[min(meta.step, n) :] = lr_now
         return plots.schedule_png(schedule, spec.hp.lr, n, marked, rates=rates, title=title)
 
     return await engine.offload(True, draw)
 
 
+def _used_rates(raw_history: list[bytes], n: int) -> np.ndarray:
+    """The rates the history's steps used, by step (NaN where unknown: not in the
+    history, skipped, or not a finite number)."""
+    rates = np.full(n, math.nan)
+    for raw in raw_history:
+        entry = orjson.loads(raw)
+        if not isinstance(entry, dict) or entry.get("kind") != "step" or entry.get("skipped"):
+            continue
+        step, lr = entry.get("step"), entry.get("lr")
+        if isinstance(step, int) and isinstance(lr, (int, float)) and 0 <= step - 1 < n:
+            rates[step - 1] = float(lr)
+    return rates
+
+
 async def preview_png(engine: Engine, request: PreviewPlotRequest) -> bytes:
-    """`POST /v1/schedules/preview.png`: the preview's curves as a PNG."""
-    try:
-        schedule = parse_schedule(request.schedule)
-    except SpecError as exc:
-        raise spec_error(exc, ["body", "schedule"]) from None
+    """`POST /v1/schedules/preview.png`: the preview's curves as a PNG, refused (422) as
+    the preview is (`check_preview`); parsed, checked and drawn in a worker thread."""
     current = request.current_step
-    if current is not None and current >= request.steps:
-        raise invalid(
-            ["body", "current_step"], f"must be below steps ({request.steps}): got {current}"
-        )
 
     def draw() -> bytes:
+        try:
+            schedule = parse_schedule(request.schedule)
+        except SpecError as exc:
+            raise spec_error(exc, ["body", "schedule"]) from None
+        if current is not None and current >= request.steps:
+            raise invalid(
+                ["body", "current_step"], f"must be below steps ({request.steps}): got {current}"
+            )
+        check_preview(schedule, request.lr, request.steps)
         return plots.schedule_png(schedule, request.lr, request.steps, current)
 
     return await engine.offload(True, draw)

@@ -23,6 +23,13 @@ arrives the session may be at version `V >= v`; its staleness is `V - v`.
   with `reduce` ("mean", the default: their sum divided by their count, as data-parallel
   all-reduce averaging; or "sum") and applied as one step (`reduce_grads`).
 
+  An accumulation has a deadline: `timeout` seconds (default 60, in (0, 86400]) after
+  its first push (`accumulation_deadline`). Once it passed (`accumulation_expired`) the
+  accumulation is resolved as `on_timeout` says: "flush" (the default) applies what
+  arrived as one step, as if `accumulate` were reached; "drop" discards it as a skipped
+  step (params, state and rate stay, the version moves on, so whoever waits for it is
+  answered). A worker that never pushes can then not hold the session forever.
+
 `parse_consistency` takes the spec of a session: None (async with defaults), the strings
 "async" / "sync" (short for `{"mode": ...}`), or a mapping discriminated by `mode` (a
 mapping without `mode` is async, its default). Errors are `ConsistencyError` with field
@@ -42,7 +49,11 @@ from service.core.validators import interval
 
 Damping = Literal["none", "inverse"]
 Reduce = Literal["mean", "sum"]
+OnTimeout = Literal["flush", "drop"]
 MODES = ("async", "sync")
+#: seconds a sync accumulation may stay open after its first push: default and most
+DEFAULT_TIMEOUT = 60.0
+MAX_TIMEOUT = 86400.0
 
 
 class ConsistencyError(SpecError):
@@ -65,13 +76,16 @@ class AsyncConsistency(BaseModel):
 
 class SyncConsistency(BaseModel):
     """Combine `accumulate` (2) pushes on the same version with `reduce` ("mean" or "sum")
-    into one step."""
+    into one step; an accumulation still open `timeout` (60) seconds after its first push
+    is resolved as `on_timeout` ("flush" or "drop") says."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     mode: Literal["sync"]
     accumulate: Annotated[int, interval(1)] = 2
     reduce: Reduce = "mean"
+    timeout: Annotated[float, interval(0.0, MAX_TIMEOUT, lo_open=True)] = DEFAULT_TIMEOUT
+    on_timeout: OnTimeout = "flush"
 
 
 Consistency = Annotated[AsyncConsistency | SyncConsistency, Field(discriminator="mode")]
@@ -175,3 +189,20 @@ def reduce_grads(total: np.ndarray, count: int, reduce: Reduce) -> np.ndarray:
     if reduce == "sum":
         return total
     return total / count
+
+
+def accumulation_deadline(config: SyncConsistency, started_at: float) -> float:
+    """When an accumulation whose first push came at `started_at` (Unix time) is due:
+    `started_at + timeout`."""
+    return started_at + config.timeout
+
+
+def accumulation_expired(
+    config: SyncConsistency, count: int, started_at: float | None, now: float
+) -> bool:
+    """Whether an accumulation of `count` gradients, started at `started_at`, must be
+    resolved (`on_timeout`) at `now`: it holds gradients and its deadline is reached. An
+    empty one (count 0, or no start known) never expires."""
+    if count <= 0 or started_at is None:
+        return False
+    return now >= accumulation_deadline(config, started_at)

@@ -45,4 +45,7 @@ def _describe(error: dict[str, object]) -> str:
     for part in loc if isinstance(loc, (list, tuple)) else ():
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
     msg = str(error.get("msg", "invalid"))
+    last = loc[-1] if isinstance(loc, (list, tuple)) and loc else None
+    if isinstance(last, str) and msg.startswith(f"{last} "):  # the message names it
+        path = path[: -len(last)].rstrip(".")
     return f"{path} {msg}" if path else msg

@@ -9,11 +9,18 @@ is nothing for `plt.close` to do; the figure is cleared before returning), and s
 from the server's worker threads. Each plot has a fixed size and dpi (800 x 500 pixels), and
 the PNG is written without the `Software` text chunk, so the same input gives the same
 bytes for a given matplotlib version.
+
+Any values are drawn without raising: non-finite ones (inf, NaN) are left out (gaps in
+a curve, a marker not drawn), and an axis whose values reach past `MAX_PLOTTED` in
+magnitude (up to the float range, where matplotlib's limits and ticks overflow:
+"arange: cannot compute length") is drawn in units of a power of ten named in its label
+(`learning rate (x 1e308)`).
 """
 
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -29,6 +36,9 @@ if TYPE_CHECKING:
 #: inches and dots per inch of every plot (800 x 500 pixels)
 FIGSIZE = (8.0, 5.0)
 DPI = 100
+
+#: the largest magnitude drawn as it is; beyond it an axis is drawn in units of 10**k
+MAX_PLOTTED = 1e100
 
 _COLORS = {
     "steepest": "tab:red",
@@ -60,6 +70,32 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+def _finite(values: object) -> np.ndarray:
+    """`values` as float64, every non-finite value (or one too large for a float) NaN."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        array = np.array(values, dtype=np.float64, ndmin=1)
+    array[~np.isfinite(array)] = math.nan
+    return array
+
+
+def _unit(*arrays: np.ndarray) -> tuple[float, str]:
+    """A power of ten to divide the (finite, NaN elsewhere) `arrays` by so that none is
+    past `MAX_PLOTTED` in magnitude, and its note for the axis label: `(1.0, "")` when
+    they are drawn as they are."""
+    top = 0.0
+    for a in arrays:
+        if np.isfinite(a).any():
+            top = max(top, float(np.nanmax(np.abs(a))))
+    if not top > MAX_PLOTTED:
+        return 1.0, ""
+    k = math.floor(math.log10(top))
+    return 10.0**k, f" (x 1e{k})"
+
+
+def _text(value: float) -> str:
+    return f"{value:.3g}" if math.isfinite(value) else "not finite"
+
+
 def _title(config: LRFinderConfig, state: LRFinderState) -> str:
     n = len(state.lrs)
     if state.stop_reason == "diverged":
@@ -86,45 +122,49 @@ def lr_finder_png(
     line at its rate, labelled with that rate, and the stop reason in the title."""
     fig = _new_figure()
     ax = fig.add_subplot()
-    lrs = np.asarray(state.lrs, dtype=np.float64)
-    raw = np.asarray(state.losses, dtype=np.float64)
-    smoothed = np.asarray(state.smoothed, dtype=np.float64)
+    lrs, raw, smoothed = _finite(state.lrs), _finite(state.losses), _finite(state.smoothed)
+    lr_unit, lr_note = _unit(lrs)
+    loss_unit, loss_note = _unit(raw, smoothed)
+    lrs, raw, smoothed = lrs / lr_unit, raw / loss_unit, smoothed / loss_unit
     if len(lrs):
         ax.plot(lrs, raw, color="tab:blue", alpha=0.3, linewidth=1.0, label="loss")
         ax.plot(lrs, smoothed, color="tab:blue", linewidth=2.0, label="smoothed loss")
-        lo = float(min(raw.min(), smoothed.min()))
+    if np.isfinite(raw).any() and np.isfinite(smoothed).any():
+        lo = float(min(np.nanmin(raw), np.nanmin(smoothed)))
         # the top of the smoothed curve, or of the raw one bar its highest tenth (the
         # explosion at the end of a diverged test would squash the rest of the curve)
-        hi = float(max(smoothed.max(), np.quantile(raw, 0.9)))
+        hi = float(max(np.nanmax(smoothed), np.nanquantile(raw, 0.9)))
         margin = 0.05 * (hi - lo) if hi > lo else 0.05 * max(abs(hi), 1.0)
         ax.set_ylim(lo - margin, hi + margin)
-    else:
+    elif not len(lrs):
         ax.text(0.5, 0.5, "no losses yet", transform=ax.transAxes, ha="center", va="center")
     for order, (name, s) in enumerate((suggestions or {}).items()):
         color = _COLORS.get(name, "tab:gray")
         if s.lr is None or s.index is None:
             ax.plot([], [], " ", label=f"{name}: none")
             continue
-        ax.axvline(s.lr, color=color, linestyle="--", linewidth=1.0)
+        at = float(_finite(s.lr)[0]) / lr_unit
+        if math.isfinite(at):
+            ax.axvline(at, color=color, linestyle="--", linewidth=1.0)
         ax.scatter(
             [lrs[s.index]],
             [smoothed[s.index]],
             s=max(130 - 30 * order, 30),  # later markers smaller: coinciding ones stay visible
             color=color,
             zorder=3 + order,
-            label=f"{'minimum / 10' if name == 'minimum' else name}: {s.lr:.3g}",
+            label=f"{'minimum / 10' if name == 'minimum' else name}: {_text(s.lr)}",
         )
     if state.nonfinite_lr is not None:
-        ax.axvline(
-            state.nonfinite_lr,
-            color="black",
-            linestyle=":",
-            label=f"non-finite loss at {state.nonfinite_lr:.3g}",
-        )
+        at = float(_finite(state.nonfinite_lr)[0]) / lr_unit
+        label = f"non-finite loss at {_text(state.nonfinite_lr)}"
+        if math.isfinite(at):
+            ax.axvline(at, color="black", linestyle=":", label=label)
+        else:
+            ax.plot([], [], color="black", linestyle=":", label=label)
     if config.mode == "exp":
         ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("loss")
+    ax.set_xlabel(f"learning rate{lr_note}")
+    ax.set_ylabel(f"loss{loss_note}")
     ax.set_title(_title(config, state), fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
@@ -156,34 +196,38 @@ def schedule_png(
     elif len(rates) != steps:
         raise CoreError(f"rates must hold {steps} values: got {len(rates)}")
     momenta = None if schedule is None else schedule.momenta(steps)
+    values = _finite(rates)
+    unit, note = _unit(values)
+    drawn = values / unit
     t = np.arange(steps)
     fig = _new_figure()
     ax = fig.add_subplot()
     marker = "o" if steps == 1 else None
     # a rate holds for a whole step: draw steps, not slopes between them
     ax.plot(
-        t, rates, color="tab:blue", marker=marker, drawstyle="steps-post", label="learning rate"
+        t, drawn, color="tab:blue", marker=marker, drawstyle="steps-post", label="learning rate"
     )
     ax.set_xlabel("step")
-    ax.set_ylabel("learning rate")
+    ax.set_ylabel(f"learning rate{note}")
     ax.grid(True, alpha=0.3)
     if current_step is not None:
         value = float(rates[current_step])
+        shown = f"{value:.4g}" if math.isfinite(value) else "not finite"
         ax.axvline(current_step, color="tab:red", linestyle="--", linewidth=1.0)
         ax.scatter(
             [current_step],
-            [value],
+            [drawn[current_step]],
             s=60,
             color="tab:red",
             zorder=3,
-            label=f"step {current_step}: lr {value:.4g}",
+            label=f"step {current_step}: lr {shown}",
         )
     handles, labels = ax.get_legend_handles_labels()
     if momenta is not None:
         ax2 = ax.twinx()
         ax2.plot(
             t,
-            momenta,
+            _finite(momenta),
             color="tab:orange",
             linestyle="--",
             marker=marker,
@@ -199,4 +243,4 @@ def schedule_png(
     return _png(fig)
 
 
-__all__ = ["DPI", "FIGSIZE", "lr_finder_png", "schedule_png"]
+__all__ = ["DPI", "FIGSIZE", "MAX_PLOTTED", "lr_finder_png", "schedule_png"]

@@ -43,6 +43,7 @@ API_MD: dict[tuple[str, str], set[str]] = {
         "400",
         "401",
         "404",
+        "406",  # a replay that cannot be given in the asked format (docs/training.md)
         "409",
         "413",
         "415",

@@ -148,8 +148,9 @@ async def _sync_pending(api: Api) -> str:
         version = (await api.get(sid))["version"]
         r = await api.step(sid, {"grads": grads(t), "loss": 0.5, "base_version": version})
         assert r.status_code in (200, 202), r.text
-    doc = await api.get(sid)
-    assert doc["pending"] == {"base_version": 1, "count": 1, "accumulate": 3}
+    pending = (await api.get(sid))["pending"]
+    assert pending.pop("deadline") == pytest.approx(pending.pop("started_at") + 60)
+    assert pending == {"base_version": 1, "count": 1, "accumulate": 3}
     return sid
 
 
@@ -356,7 +357,9 @@ async def test_put_carries_a_pending_accumulation_to_the_new_version(api: Api) -
     r = await put(api, sid, pending)
     assert r.status_code == 200, r.text
     assert r.json()["version"] == 3
-    assert r.json()["pending"] == {"base_version": 3, "count": 1, "accumulate": 3}
+    carried = r.json()["pending"]
+    assert carried.pop("deadline") == pytest.approx(carried.pop("started_at") + 60)
+    assert carried == {"base_version": 3, "count": 1, "accumulate": 3}
     # the push computed on version 3 completes the accumulation the file holds
     for target, version in ((sid, 3), (copy, 1)):
         for t in (7, 8):

@@ -86,9 +86,21 @@ async def test_the_document_shows_the_settings_with_defaults(api: Api) -> None:
     )
     assert doc["ema"] == {"decay": 0.9, "bias_correction": True}
     assert doc["swa"] == {"start": 3, "every": 1}
-    assert doc["consistency"] == {"mode": "sync", "accumulate": 3, "reduce": "mean"}
+    assert doc["consistency"] == {
+        "mode": "sync",
+        "accumulate": 3,
+        "reduce": "mean",
+        "timeout": 60.0,
+        "on_timeout": "flush",
+    }
     assert doc["history"] == 7
-    assert doc["pending"] == {"base_version": 0, "count": 0, "accumulate": 3}
+    assert doc["pending"] == {
+        "base_version": 0,
+        "count": 0,
+        "accumulate": 3,
+        "started_at": None,
+        "deadline": None,
+    }
     assert doc["lr_finder"] is None
     plain = await _create(api)
     assert plain["consistency"] == {
@@ -342,7 +354,13 @@ async def test_sync_pushes_combine_into_one_step(api: Api, reduce: str) -> None:
     entry = (await api.client.get(f"/v1/sessions/{sid}/history", headers=api.headers)).json()
     assert entry["entries"][0]["loss"] == pytest.approx(2.0)
     assert entry["entries"][0]["contributors"] == 3
-    assert (await api.get(sid))["pending"] == {"base_version": 1, "count": 0, "accumulate": 3}
+    assert (await api.get(sid))["pending"] == {
+        "base_version": 1,
+        "count": 0,
+        "accumulate": 3,
+        "started_at": None,
+        "deadline": None,
+    }
 
 
 async def test_sync_refusals_change_nothing(api: Api) -> None:

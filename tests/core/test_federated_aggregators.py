@@ -281,9 +281,17 @@ def test_empty_params() -> None:
         ([np.zeros(3), [0.0, 0.0, 0.0]], [1, 1], "update 1 is not a flat array"),
         ([np.zeros(2), np.array([0.0, np.nan])], [1, 1], "update 1 holds a value that is not"),
         ([np.zeros(2), np.array([np.inf, 0.0])], [1, 1], "not finite"),
-        ([np.zeros(2)], [0], r"num_examples\[0\] must be an int >= 1: got 0"),
-        ([np.zeros(2)], [True], r"num_examples\[0\] must be an int >= 1: got True"),
-        ([np.zeros(2)], [1.0], r"num_examples\[0\] must be an int >= 1: got 1.0"),
+        ([np.zeros(2)], [0], r"num_examples\[0\] must be an int from 1 to 1000000000000: got 0"),
+        (
+            [np.zeros(2)],
+            [True],
+            r"num_examples\[0\] must be an int from 1 to 1000000000000: got True",
+        ),
+        (
+            [np.zeros(2)],
+            [1.0],
+            r"num_examples\[0\] must be an int from 1 to 1000000000000: got 1.0",
+        ),
     ],
 )
 def test_bad_input_is_refused(deltas: Any, num_examples: Any, match: str) -> None:

@@ -119,8 +119,20 @@ def test_sync_data_parallel_equals_one_worker(redis_server: LiveServer) -> None:
             consistency={"mode": "sync", "accumulate": WORKERS},
         )
     sid = doc["id"]
-    assert doc["consistency"] == {"mode": "sync", "accumulate": WORKERS, "reduce": "mean"}
-    assert doc["pending"] == {"base_version": 0, "count": 0, "accumulate": WORKERS}
+    assert doc["consistency"] == {
+        "mode": "sync",
+        "accumulate": WORKERS,
+        "reduce": "mean",
+        "timeout": 60.0,
+        "on_timeout": "flush",
+    }
+    assert doc["pending"] == {
+        "base_version": 0,
+        "count": 0,
+        "accumulate": WORKERS,
+        "started_at": None,
+        "deadline": None,
+    }
 
     #: per worker, the params it got for every version 1..SYNC_STEPS
     seen: list[list[np.ndarray]] = [[] for _ in range(WORKERS)]
@@ -195,7 +207,13 @@ def test_sync_data_parallel_equals_one_worker(redis_server: LiveServer) -> None:
         assert rel_err(_flat(final), want[-1]) <= 1e-9
         doc = session_doc(c, sid)
         assert (doc["step"], doc["version"], doc["skipped"]) == (SYNC_STEPS, SYNC_STEPS, 0)
-        assert doc["pending"] == {"base_version": SYNC_STEPS, "count": 0, "accumulate": WORKERS}
+        assert doc["pending"] == {
+            "base_version": SYNC_STEPS,
+            "count": 0,
+            "accumulate": WORKERS,
+            "started_at": None,
+            "deadline": None,
+        }
 
         # each step: K contributors, the loss the mean of theirs (= the whole batch's)
         r = c.get(f"/v1/sessions/{sid}/history", params={"limit": 1000})
