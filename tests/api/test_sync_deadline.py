@@ -137,7 +137,14 @@ async def test_the_settings_have_defaults_and_are_checked(api: Api) -> None:
         ({"mode": "sync", "timeout": -1.0}, "timeout"),
         ({"mode": "sync", "timeout": 86400.5}, "timeout"),
         ({"mode": "sync", "timeout": "60"}, "timeout"),
+        ({"mode": "sync", "timeout": True}, "timeout"),
+        ({"mode": "sync", "timeout": 1e308}, "timeout"),
+        ({"mode": "sync", "timeout": [60]}, "timeout"),
+        ({"mode": "sync", "timeout": {"seconds": 60}}, "timeout"),
         ({"mode": "sync", "on_timeout": "wait"}, "on_timeout"),
+        ({"mode": "sync", "on_timeout": 1}, "on_timeout"),
+        ({"mode": "sync", "on_timeout": "x" * 100_000}, "on_timeout"),
+        ({"mode": "sync", "on_timeout": ["flush"]}, "on_timeout"),
         ({"mode": "async", "timeout": 5.0}, "timeout"),
     ]
     for consistency, field in bad:
