@@ -47,16 +47,70 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
 from service.core.errors import CoreError
 from service.core.state import OptState
 
-if TYPE_CHECKING:
-    from service.core.optim.adam import AdamHyper
-    from service.core.optim.sgd import SGDHyper
+
+class AdamOptions(Protocol):
+    """What `adam_step` reads of a hyperparameter set (`adam.AdamHyper` has it all): the
+    kernels are defined here, beside the type they take, and import no optimizer."""
+
+    @property
+    def betas(self) -> tuple[float, float]: ...
+    @property
+    def eps(self) -> float: ...
+    @property
+    def weight_decay(self) -> float: ...
+    @property
+    def decoupled_weight_decay(self) -> bool: ...
+    @property
+    def amsgrad(self) -> bool: ...
+    @property
+    def maximize(self) -> bool: ...
+
+
+class SGDOptions(Protocol):
+    """What `sgd_step` reads of a hyperparameter set (`sgd.SGDHyper` has it all)."""
+
+    @property
+    def momentum(self) -> float: ...
+    @property
+    def dampening(self) -> float: ...
+    @property
+    def weight_decay(self) -> float: ...
+    @property
+    def nesterov(self) -> bool: ...
+    @property
+    def maximize(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class _Adam:
+    """torch.optim.Adam's defaults, for `warm_up`."""
+
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    decoupled_weight_decay: bool = False
+    amsgrad: bool = False
+    maximize: bool = False
+
+
+@dataclass(frozen=True)
+class _SGD:
+    """torch.optim.SGD's defaults, for `warm_up`."""
+
+    momentum: float = 0.0
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    maximize: bool = False
+
 
 THREADS_ENV = "OPTSERVE_NUM_THREADS"
 
@@ -206,7 +260,7 @@ def _make_adam(amsgrad: int) -> Any:
 
 
 def adam_step(
-    hp: AdamHyper, grads: np.ndarray, state: OptState, params: np.ndarray, lr: float
+    hp: AdamOptions, grads: np.ndarray, state: OptState, params: np.ndarray, lr: float
 ) -> None:
     """One Adam/AdamW step in place on `params` and `state` (see `Adam.step_numpy`)."""
     beta1, beta2 = hp.betas
@@ -283,7 +337,7 @@ def _make_sgd(mode: int) -> Any:
 
 
 def sgd_step(
-    hp: SGDHyper, grads: np.ndarray, state: OptState, params: np.ndarray, lr: float
+    hp: SGDOptions, grads: np.ndarray, state: OptState, params: np.ndarray, lr: float
 ) -> None:
     """One SGD step in place on `params` and `state` (see `SGD.step_numpy`)."""
     lr = float(lr)
@@ -394,13 +448,10 @@ def warm_up() -> float:
     """
     import time
 
-    from service.core.optim.adam import AdamHyper
-    from service.core.optim.sgd import SGDHyper
-
     start = time.perf_counter()
     if not _check_available():
         return 0.0
-    adams = [AdamHyper(amsgrad=False), AdamHyper(amsgrad=True)]
+    adams = [_Adam(amsgrad=False), _Adam(amsgrad=True)]
     for dtype in (np.float32, np.float64):
         params = np.zeros(8, dtype)
         grads = np.ones(8, dtype)
@@ -409,9 +460,9 @@ def warm_up() -> float:
             if hp.amsgrad:
                 arrays["max_exp_avg_sq"] = np.zeros(8, dtype)
             adam_step(hp, grads, OptState(arrays, {"step": 0}), params, 1e-3)
-        sgd = SGDHyper(momentum=0.9)
+        sgd = _SGD(momentum=0.9)
         state = OptState({}, {"step": 0})
-        sgd_step(SGDHyper(), grads, state, params, 1e-3)  # plain
+        sgd_step(_SGD(), grads, state, params, 1e-3)  # plain
         sgd_step(sgd, grads, state, params, 1e-3)  # first momentum step
         sgd_step(sgd, grads, state, params, 1e-3)  # momentum
     return time.perf_counter() - start
