@@ -11,6 +11,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY clients ./clients
+COPY wire ./wire
 RUN pip install --no-cache-dir ".[server]" \
     && useradd --system --uid 10001 optserve
 USER optserve

@@ -6,8 +6,8 @@ the header), an optional `"__metadata__"` map of strings, then the raw little-en
 data. This is the binary wire format of API.md and the form optimizer state is stored
 in. Nothing here unpickles; decoding returns read-only views of the input buffer.
 
-This module is shared by the clients and the server (`service.core.tensorfile`
-re-exports it): it imports NumPy and the standard library only.
+This module is shared by the clients (`clients.tensorfile` re-exports it) and the server
+(`service.core.tensorfile` wraps it): it imports NumPy and the standard library only.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The safetensors file format, read and written with NumPy alone.
 
-The codec lives in `clients/tensorfile.py` (the clients speak the same wire format and
-must not import `service`); this module re-exports it for the server, with one
+The codec lives in `wire/tensorfile.py`, which the clients import too (they speak the
+same wire format; neither side imports the other); this module re-exports it for the
+server, with one
 difference: its `TensorFileError` is also a `CoreError`, so the API's error handlers
 map a bad body to a problem like every other refusal of the core. `encode` and `decode`
 here raise that error (the clients' `TensorFileError` is a base class of it).
@@ -20,11 +21,11 @@ from collections.abc import Mapping
 import numpy as np
 import numpy.typing as npt
 
-from clients import tensorfile as _codec
-from clients.tensorfile import _CODES as _CODES  # the dtype tables, for tests and tools
-from clients.tensorfile import _DTYPES as _DTYPES
-from clients.tensorfile import MAX_DIMS, MAX_HEADER_BYTES, MAX_INT_DIGITS
 from service.core.errors import CoreError
+from wire import tensorfile as _codec
+from wire.tensorfile import _CODES as _CODES  # the dtype tables, for tests and tools
+from wire.tensorfile import _DTYPES as _DTYPES
+from wire.tensorfile import MAX_DIMS, MAX_HEADER_BYTES, MAX_INT_DIGITS
 
 
 class TensorFileError(CoreError, _codec.TensorFileError):
@@ -51,7 +52,7 @@ def decode(
 
     Arrays are read-only views of `buffer` where alignment allows (no copy). Any input
     either decodes or raises `TensorFileError` (a header over `max_header_bytes`, more
-    tensors than `max_tensors` when given, and every malformation `clients.tensorfile`
+    tensors than `max_tensors` when given, and every malformation `wire.tensorfile`
     refuses).
     """
     try:

@@ -8,6 +8,7 @@ URL that names no service or the wrong port, persistence or health checks missin
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -107,3 +108,16 @@ def test_dockerfile_installs_the_server_and_runs_serve() -> None:
     assert '".[server]"' in dockerfile
     assert re.search(r'^CMD \["optserve", "serve"\]', dockerfile, re.M)
     assert "torch" not in dockerfile  # the server never needs torch
+
+
+def test_dockerfile_copies_every_package_the_project_installs() -> None:
+    """The image builds from what it copies: each package pyproject.toml installs
+    (`[tool.setuptools.packages.find] include`) must be copied, or `pip install` in the
+    image leaves it out and the server fails on import."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = [p.rstrip("*") for p in patterns]
+    assert "wire" in packages
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for package in packages:
+        assert re.search(rf"^COPY {package} \./{package}$", dockerfile, re.M), package
