@@ -37,11 +37,11 @@ from service.api import (
     routes_training,
     routes_ui,
 )
-from service.api.codecs import FastJSONResponse
-from service.api.engine import Engine
 from service.api.errors import BodyLimit, install_handlers
+from service.api.responses import FastJSONResponse
 from service.config import Settings, get_settings
 from service.logs import RequestId, log_config
+from service.sessions.engine import Engine
 from service.store.base import StateStore, StoreUnavailable
 
 log = logging.getLogger("optserve")

@@ -3,6 +3,8 @@ including those inside functions and under `TYPE_CHECKING`):
 
 - `wire` (the codec both sides speak) imports nothing of optserve's;
 - `clients` imports nothing from `service`;
+- `service.sessions` (the application layer) imports no web framework and nothing of
+  `service.api`; `service.store` nothing of either layer above it;
 - `service.core` (the optimizers, schedules and numerics) imports nothing from the
   clients, the API, the store or a web or store library;
 - the modules of `service.core` import one another without a cycle at run time (a
@@ -84,6 +86,8 @@ def offending(package: str, banned: tuple[str, ...]) -> list[str]:
     [
         ("wire", ("service", "clients")),
         ("clients", ("service",)),
+        ("service.sessions", ("fastapi", "starlette", "uvicorn", "service.api")),
+        ("service.store", ("fastapi", "starlette", "service.api", "service.sessions")),
         (
             "service.core",
             (
@@ -108,6 +112,7 @@ def test_the_rules_see_an_import_where_there_is_one() -> None:
     imports the core (a rule that sees nothing would pass any code)."""
     assert offending("service.core", ("wire",))
     assert offending("service.api", ("service.core",))
+    assert offending("service.api", ("service.sessions",))
 
 
 def test_service_core_has_no_import_cycle() -> None:

@@ -20,9 +20,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.api.engine import Engine
 from service.api.errors import Unauthorized
 from service.config import Settings
+from service.sessions.engine import Engine
 
 PUBLIC_TENANT = "public"
 

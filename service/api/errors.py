@@ -1,4 +1,4 @@
-"""HTTP problems: the `ApiError` tree and the handlers that render RFC 9457 problem+json.
+"""HTTP problems: the `SessionError` tree and the handlers that render RFC 9457 problem+json.
 
 Every refusal the API makes is a problem document (API.md, "Conventions"):
 
@@ -12,7 +12,7 @@ its `loc` a path into the request (`["body", ...]`, `["path", "session_id"]`,
 
 Mapping (the table of API.md):
 
-* `ApiError` subclasses carry their status; raised anywhere below a route.
+* `SessionError` subclasses carry their status; raised anywhere below a route.
 * core `SpecError` (optimizer, schedule) -> 422 with each error's loc under
   `["body", <field>]` (the engine names the field it validated; see `spec_error`),
   `LayoutError` -> 422 naming the tensor, other `CoreError` -> 422.
@@ -21,7 +21,7 @@ Mapping (the table of API.md):
 * Starlette's own `HTTPException` (unknown route 404, method 405, ...) -> problem+json too.
 * Anything else -> 500 problem (the traceback goes to the log, not to the client).
 
-`ApiError` subclasses Starlette's `HTTPException`, so FastAPI passes it through untouched
+`SessionError` subclasses Starlette's `HTTPException`, so FastAPI passes it through untouched
 when it is raised while FastAPI reads a body (the streamed-size check of `BodyLimit`).
 This module imports FastAPI only inside `install_handlers`: the engine raises these
 errors without depending on the web framework.
@@ -30,7 +30,6 @@ errors without depending on the web framework.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
 from typing import Any
 
 import orjson
@@ -43,64 +42,24 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import Settings
 from service.core.errors import CoreError, LayoutError, SpecError
+from service.sessions.errors import (
+    TYPE_PREFIX,
+    BadRequest,
+    Invalid,
+    SessionError,
+    as_loc,
+    field_error,
+    layout_error,
+    spec_error,
+)
 from service.store.base import StoreUnavailable
 
 log = logging.getLogger("optserve.api")
 
 PROBLEM_JSON = "application/problem+json"
-_TYPE_PREFIX = "urn:optserve:problem:"
-
-Loc = Sequence[str | int]
-FieldError = dict[str, Any]
 
 
-def field_error(loc: Loc, msg: str) -> FieldError:
-    """One entry of a problem's `errors`."""
-    return {"loc": [p if isinstance(p, int) else str(p) for p in loc], "msg": msg}
-
-
-class ApiError(StarletteHTTPException):
-    """A refusal rendered as problem+json. Subclasses fix `status`, `slug` and `title`."""
-
-    status: int = 500
-    slug: str = "internal"
-    title: str = "Internal Server Error"
-
-    def __init__(
-        self,
-        detail: str | None = None,
-        errors: Iterable[FieldError] = (),
-        headers: dict[str, str] | None = None,
-        members: dict[str, Any] | None = None,
-    ) -> None:
-        self.errors: list[FieldError] = list(errors)
-        #: RFC 9457 extension members of this problem (e.g. the session's `version`)
-        self.members: dict[str, Any] = dict(members or {})
-        text = detail if detail is not None else self.title
-        super().__init__(status_code=self.status, detail=text, headers=headers)
-
-    @property
-    def type(self) -> str:
-        return _TYPE_PREFIX + self.slug
-
-    def problem(self) -> dict[str, Any]:
-        return {
-            "type": self.type,
-            "title": self.title,
-            "status": self.status,
-            "detail": self.detail,
-            "errors": self.errors,
-            **self.members,
-        }
-
-
-class BadRequest(ApiError):
-    """400: the body cannot be read at all (bad JSON, bad safetensors header)."""
-
-    status, slug, title = 400, "malformed-body", "Malformed request body"
-
-
-class Unauthorized(ApiError):
+class Unauthorized(SessionError):
     """401: authentication is on and no valid `Authorization: Bearer <key>` was sent."""
 
     status, slug, title = 401, "unauthorized", "Unauthorized"
@@ -113,102 +72,7 @@ class Unauthorized(ApiError):
         )
 
 
-class SessionNotFound(ApiError):
-    """404: no such session, or another tenant's (the body is the same either way)."""
-
-    status, slug, title = 404, "session-not-found", "Session not found"
-
-    def __init__(self) -> None:
-        super().__init__("no session with this id", [])
-
-
-class IdempotencyInFlight(ApiError):
-    """409: a request with the same `Idempotency-Key` is still being processed;
-    `Retry-After` says when its claim's lease ends (at most `idempotency_lock_ttl`)."""
-
-    status, slug, title = 409, "idempotency-key-in-flight", "Idempotency key in flight"
-
-    def __init__(self, retry_after: int = 1, *, federated: bool = False) -> None:
-        # a federated update is keyed by its round and client_id, not by a header
-        what, loc = (
-            ("an update from this client_id for this round", ["body", "client_id"])
-            if federated
-            else ("a request with this Idempotency-Key", ["header", "Idempotency-Key"])
-        )
-        msg = (
-            f"{what} is still in flight; retry after {retry_after} s (the same request "
-            "then gets its answer, or is applied if that request died)"
-        )
-        super().__init__(msg, [field_error(loc, msg)], headers={"Retry-After": str(retry_after)})
-
-
-class VersionConflict(ApiError):
-    """409: concurrent steps kept winning the version race; nothing was applied."""
-
-    status, slug, title = 409, "version-conflict", "Version conflict"
-
-
-class StaleGradient(ApiError):
-    """409: a gradient computed on a version the session has moved too far from (an async
-    session's `max_staleness`, or any other version in a sync session); members
-    `version` (the session's now) and `base_version` (the one sent)."""
-
-    status, slug, title = 409, "stale-gradient", "Stale gradient"
-
-    def __init__(self, detail: str, version: int, base_version: int) -> None:
-        super().__init__(
-            detail,
-            [field_error(["body", "base_version"], detail)],
-            members={"version": version, "base_version": base_version},
-        )
-
-
-class RangeTestOver(ApiError):
-    """409: a step sent to an LR range-test session whose test has ended."""
-
-    status, slug, title = 409, "range-test-over", "Range test over"
-
-
-class NoAverage(ApiError):
-    """409: averaged params asked for before any step was averaged."""
-
-    status, slug, title = 409, "no-average", "No average yet"
-
-
-class NoRangeTest(ApiError):
-    """409: the range-test result of a session that runs no range test (not 404, which
-    says the session itself does not exist)."""
-
-    status, slug, title = 409, "no-range-test", "No range test"
-
-
-class NotFederated(ApiError):
-    """409: the round of a session that is not federated (the session exists)."""
-
-    status, slug, title = 409, "not-federated", "Not a federated session"
-
-
-class WaitTimeout(ApiError):
-    """408: the version waited for (`min_version`) was not reached in time; member
-    `version` (the session's now). Repeat the request to wait again."""
-
-    status, slug, title = 408, "wait-timeout", "Version not reached in time"
-
-    def __init__(self, detail: str, version: int) -> None:
-        super().__init__(detail, [], members={"version": version})
-
-
-class NotAcceptable(ApiError):
-    """406: the answer cannot be given in the format `Accept` asks for (an idempotent
-    replay whose recorded answer cannot be re-encoded in that format)."""
-
-    status, slug, title = 406, "not-acceptable", "Not Acceptable"
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail, [field_error(["header", "Accept"], detail)])
-
-
-class PayloadTooLarge(ApiError):
+class PayloadTooLarge(SessionError, StarletteHTTPException):  # type: ignore[misc]  # both set `headers`; a dict is a Mapping
     """413: the body is over `settings.max_body_bytes`, or a JSON body over
     `settings.max_json_body_bytes` (`binary_limit` then says what safetensors may send)."""
 
@@ -224,66 +88,23 @@ class PayloadTooLarge(ApiError):
                 "(max_json_body_bytes); send large tensors as safetensors (Content-Type: "
                 f"{_BINARY}), accepted up to {binary_limit} bytes"
             )
-        super().__init__(detail, [])
+        SessionError.__init__(self, detail, [])
+        # also a Starlette HTTPException, which FastAPI lets through when `BodyLimit`
+        # raises it while FastAPI reads the body
+        self.status_code = self.status
 
 
 #: the safetensors media type (`codecs.BINARY`; codecs imports this module)
 _BINARY = "application/octet-stream"
 
 
-class UnsupportedMediaType(ApiError):
-    status, slug, title = 415, "unsupported-media-type", "Unsupported media type"
-
-
-class Invalid(ApiError):
-    """422: well-formed but invalid (spec, tensor names or shapes, non-finite values)."""
-
-    status, slug, title = 422, "validation-error", "Invalid request"
-
-
-class IdempotencyMismatch(ApiError):
-    """422: an `Idempotency-Key` already used with a different request."""
-
-    status, slug, title = 422, "idempotency-key-reused", "Idempotency key reused"
-
-    def __init__(self) -> None:
-        msg = "this Idempotency-Key was used with a different request (method, path or body)"
-        super().__init__(msg, [field_error(["header", "Idempotency-Key"], msg)])
-
-
-class StoreDown(ApiError):
+class StoreDown(SessionError):
     """503: the state store cannot be reached."""
 
     status, slug, title = 503, "store-unavailable", "State store unavailable"
 
     def __init__(self, retry_after: int, detail: str = "the state store cannot be reached") -> None:
         super().__init__(detail, [], headers={"Retry-After": str(retry_after)})
-
-
-def invalid(loc: Loc, msg: str) -> Invalid:
-    """A 422 naming one field."""
-    return Invalid(msg, [field_error(loc, msg)])
-
-
-def spec_error(exc: SpecError, prefix: Loc) -> Invalid:
-    """A core SpecError as a 422, each loc under `prefix` (e.g. `["body", "optimizer"]`)."""
-    errors = [
-        field_error([*prefix, *_as_loc(e.get("loc", ()))], str(e.get("msg", "invalid")))
-        for e in exc.errors
-    ]
-    return Invalid(str(exc), errors)
-
-
-def layout_error(exc: LayoutError, prefix: Loc) -> Invalid:
-    """A core LayoutError as a 422 naming the tensor (`prefix + [name]`)."""
-    loc = [*prefix, exc.name] if exc.name is not None else list(prefix)
-    return Invalid(str(exc), [field_error(loc, str(exc))])
-
-
-def _as_loc(loc: object) -> list[str | int]:
-    if isinstance(loc, (list, tuple)):
-        return [p if isinstance(p, int) else str(p) for p in loc]
-    return [str(loc)]
 
 
 def problem_response(
@@ -296,7 +117,7 @@ def problem_response(
     )
 
 
-def render(exc: ApiError) -> Response:
+def render(exc: SessionError) -> Response:
     return problem_response(exc.status, exc.problem(), dict(exc.headers or {}))
 
 
@@ -304,7 +125,7 @@ def render(exc: ApiError) -> Response:
 
 
 async def _api_error(_: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
+    assert isinstance(exc, SessionError)
     return render(exc)
 
 
@@ -323,7 +144,7 @@ async def _validation_error(_: Request, exc: Exception) -> Response:
         ctx = next(e.get("ctx") or {} for e in raw if e.get("type") == "json_invalid")
         msg = f"the body is not valid JSON: {ctx.get('error', 'decode error')}"
         return render(BadRequest(msg, [field_error(["body"], msg)]))
-    errors = [field_error(_as_loc(e.get("loc", ())), str(e.get("msg", "invalid"))) for e in raw]
+    errors = [field_error(as_loc(e.get("loc", ())), str(e.get("msg", "invalid"))) for e in raw]
     detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
     return render(Invalid(detail or "invalid request", errors))
 
@@ -353,7 +174,7 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
         if allowed:
             headers["Allow"] = ", ".join(allowed)
     body = {
-        "type": _TYPE_PREFIX + slug,
+        "type": TYPE_PREFIX + slug,
         "title": title,
         "status": exc.status_code,
         "detail": str(exc.detail),
@@ -378,7 +199,7 @@ def _allowed_methods(request: Request) -> list[str]:
 
 async def _unhandled(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return render(ApiError("internal server error"))
+    return render(SessionError("internal server error"))
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:
@@ -394,7 +215,7 @@ def install_handlers(app: Starlette, settings: Settings) -> None:
     from starlette.requests import ClientDisconnect
 
     app.add_exception_handler(ClientDisconnect, _client_gone)
-    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(SessionError, _api_error)
     app.add_exception_handler(CoreError, _core_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StoreUnavailable, _store_unavailable(settings))

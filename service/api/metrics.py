@@ -7,11 +7,15 @@ Metrics (all prefixed `optserve_`):
 * `http_request_duration_seconds{method, route}`: latency of every request.
 * `step_duration_seconds{outcome}`: a step from its first store read to its answer
   (`applied`, `skipped`, `replayed`, `refused`).
-* `store_round_trips_total{op}`: calls the API made to the state store, by operation.
+* `store_round_trips_total{op}`: calls the sessions layer made to the state store, by
+  operation.
 * `version_conflicts_total`: step commits refused because the version had moved on
   (each one is retried, up to `max_commit_retries`).
 * `idempotent_replays_total`: responses replayed for a repeated `Idempotency-Key`.
 * `sessions`: sessions in the store (refreshed when `/metrics` is scraped).
+
+The step, store, conflict and replay metrics are the sessions layer's
+(`service.sessions.metrics`); the rest are HTTP's.
 
 Several worker processes (`optserve serve --workers N`): each uvicorn worker is its own
 process with its own counters, and a scrape reaches one of them. Set the environment
@@ -38,6 +42,13 @@ from prometheus_client import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.sessions.metrics import (  # noqa: F401  (re-exported: one list of metrics)
+    IDEMPOTENT_REPLAYS,
+    STEP_SECONDS,
+    STORE_ROUND_TRIPS,
+    VERSION_CONFLICTS,
+)
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 REQUESTS = Counter(
@@ -50,25 +61,6 @@ REQUEST_SECONDS = Histogram(
     "HTTP request latency, by method and route template.",
     ["method", "route"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-)
-STEP_SECONDS = Histogram(
-    "optserve_step_duration_seconds",
-    "Optimizer step latency (load, compute, commit), by outcome.",
-    ["outcome"],
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-)
-STORE_ROUND_TRIPS = Counter(
-    "optserve_store_round_trips_total",
-    "Calls made to the state store, by operation.",
-    ["op"],
-)
-VERSION_CONFLICTS = Counter(
-    "optserve_version_conflicts_total",
-    "Step commits refused because the session's version had changed (then retried).",
-)
-IDEMPOTENT_REPLAYS = Counter(
-    "optserve_idempotent_replays_total",
-    "Responses replayed for a repeated Idempotency-Key.",
 )
 SESSIONS = Gauge(
     "optserve_sessions",

@@ -29,9 +29,10 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic.json_schema import models_json_schema
 
-from service.api.codecs import BINARY, JSON
-from service.api.errors import (
-    PROBLEM_JSON,
+from service.api.errors import PROBLEM_JSON, PayloadTooLarge, StoreDown, Unauthorized
+from service.api.schemas import SESSION_EXAMPLE, PendingResponse, Problem
+from service.sessions.codecs import BINARY, JSON
+from service.sessions.errors import (
     BadRequest,
     IdempotencyInFlight,
     IdempotencyMismatch,
@@ -39,27 +40,16 @@ from service.api.errors import (
     NoAverage,
     NoRangeTest,
     NotAcceptable,
-    PayloadTooLarge,
     RangeTestOver,
     SessionNotFound,
     StaleGradient,
-    StoreDown,
-    Unauthorized,
     UnsupportedMediaType,
     VersionConflict,
     WaitTimeout,
     field_error,
     invalid,
 )
-from service.api.schemas import (
-    SESSION_EXAMPLE,
-    CreateSession,
-    MetricsRequest,
-    PendingResponse,
-    Problem,
-    StepRequest,
-    UpdateRequest,
-)
+from service.sessions.requests import CreateSession, MetricsRequest, StepRequest, UpdateRequest
 
 Doc = dict[str, Any]
 

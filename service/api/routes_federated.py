@@ -8,10 +8,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Request, Response
 
 from service.api.auth import EngineDep, Tenant
-from service.api.codecs import BINARY, JSON, wants_binary
 from service.api.errors import problems
 from service.api.routes_sessions import SessionId, send, step_call
 from service.api.schemas import RoundResponse, UpdateResponse
+from service.sessions.codecs import BINARY, JSON, wants_binary
 
 router = APIRouter(prefix="/v1/sessions", tags=["federated"])
 

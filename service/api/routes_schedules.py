@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from service.api import views
 from service.api.auth import EngineDep, Tenant
-from service.api.codecs import JSON, is_binary
-from service.api.errors import UnsupportedMediaType, field_error, problems
-from service.api.schemas import PreviewPlotRequest, PreviewRequest, PreviewResponse
+from service.api.errors import problems
+from service.api.schemas import PreviewResponse
+from service.sessions import views
+from service.sessions.codecs import JSON, is_binary
+from service.sessions.errors import UnsupportedMediaType, field_error
+from service.sessions.requests import PreviewPlotRequest, PreviewRequest
 
 
 async def json_only(request: Request) -> None:

@@ -10,12 +10,13 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 
-from service.api import views
 from service.api.auth import EngineDep, Tenant
-from service.api.codecs import BINARY, JSON, FastJSONResponse, Reply, wants_binary
-from service.api.engine import StepCall
 from service.api.errors import problems
+from service.api.responses import FastJSONResponse
 from service.api.schemas import ParamsResponse, SessionDoc, SessionList, StepResponse
+from service.sessions import views
+from service.sessions.codecs import BINARY, JSON, Reply, wants_binary
+from service.sessions.engine import StepCall
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 

@@ -15,10 +15,12 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from service.api.auth import EngineDep, Tenant
-from service.api.codecs import BINARY, FastJSONResponse
-from service.api.errors import ApiError, problems
+from service.api.errors import problems
+from service.api.responses import FastJSONResponse
 from service.api.routes_sessions import SessionId, send
 from service.api.schemas import SessionDoc
+from service.sessions.codecs import BINARY
+from service.sessions.errors import SessionError
 
 router = APIRouter(prefix="/v1/sessions", tags=["state"])
 
@@ -43,7 +45,7 @@ _STATE_BODY: dict[str, Any] = {
 }
 
 
-class MethodNotAllowed(ApiError):
+class MethodNotAllowed(SessionError):
     """405 for a method `/v1/sessions/import` does not serve (only POST)."""
 
     status, slug, title = 405, "method-not-allowed", "Method Not Allowed"

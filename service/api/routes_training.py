@@ -7,12 +7,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 
-from service.api import views
 from service.api.auth import EngineDep, Tenant
-from service.api.codecs import JSON, FastJSONResponse
 from service.api.errors import problems
+from service.api.responses import FastJSONResponse
 from service.api.routes_sessions import IdempotencyKey, SessionId, send, step_call
 from service.api.schemas import HistoryResponse, LRFinderResponse, MetricsResponse
+from service.sessions import views
+from service.sessions.codecs import JSON
 
 router = APIRouter(prefix="/v1/sessions", tags=["training"])
 

@@ -26,10 +26,10 @@ import numpy as np
 import orjson
 import pytest
 
-from service.api import codecs
-from service.api.errors import Invalid
 from service.config import MiB, Settings
 from service.core import tensorfile
+from service.sessions import codecs
+from service.sessions.errors import Invalid
 from service.store.base import StateStore
 from service.store.memory import MemoryStore
 from tests.api.support import BINARY, Api, encode, make_settings, open_api

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.api import codecs
-from service.api.errors import Invalid
+from service.sessions import codecs
+from service.sessions.errors import Invalid
 from tests.api.support import BINARY, Api, encode
 
 LOOSE_INTS = [" 120", "120 ", "120\n", "+120", "1_20", "١٢٠", "１２０", "0x10", "1e2", "9" * 20, ""]

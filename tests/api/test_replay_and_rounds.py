@@ -21,7 +21,7 @@ import numpy as np
 import orjson
 import pytest
 
-from service.api import engine as engine_module
+from service.sessions import engine as engine_module
 from service.store.base import IdempotencyRecord
 from tests.api.support import BINARY, Api, decode, encode
 
@@ -280,7 +280,7 @@ async def test_an_update_in_flight_is_409_on_the_client_id(api: Api) -> None:
     """While another request holds the claim of client c1's round-0 update, a second
     one is told so in terms of rounds (its `client_id`), with `Retry-After`."""
     sid = await _federated(api)
-    from service.api.federation import update_key  # here: the code before it lacks it
+    from service.sessions.federation import update_key  # here: the code before it lacks it
 
     key = update_key(0, "c1")
     assert await api.store.claim_idempotency(sid, key, 30, "another-worker") is None

@@ -33,7 +33,7 @@ PROBLEM = "application/problem+json"
 PNG = b"\x89PNG\r\n\x1a\n"
 PARAMS = {"w": [1.0, -2.0], "b": [0.5]}
 GRADS = {"w": [0.1, 0.2], "b": [-0.3]}
-#: the limits this file expects (service.core.schedules.limits, service.api.parsing)
+#: the limits this file expects (service.core.schedules.limits, service.sessions.parsing)
 MAX_DEPTH = 8
 MAX_NODES = 32
 MAX_LIST = 10_000

@@ -1,6 +1,6 @@
 """Hostile state files (docs/state.md): whatever a file holds, `POST /v1/sessions/import`
 and `PUT /v1/sessions/{id}/state` answer 400 or 422 problem+json (never 5xx), a refused
-PUT changes nothing, and `state_io.decode_session` raises nothing but `ApiError`s.
+PUT changes nothing, and `state_io.decode_session` raises nothing but `SessionError`s.
 
 Real files are exported from sessions made in process, then mutated: counters far beyond
 what JSON clients read exactly, layouts NumPy cannot shape or the limits do not allow,
@@ -22,9 +22,9 @@ import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.api.errors import ApiError
-from service.api.spec import Limits, Spec
-from service.api.state_io import SessionFile, decode_session
+from service.sessions.errors import SessionError
+from service.sessions.spec import Limits, Spec
+from service.sessions.state_io import SessionFile, decode_session
 from service.store.memory import MemoryStore
 from tests.api.support import BINARY, Api, decode, encode, make_settings, open_api
 
@@ -597,10 +597,10 @@ def base_file(kind: str) -> tuple[bytes, Spec]:
 
 
 def decode_or_api_error(data: bytes, limits: Limits, session: Spec | None) -> SessionFile | None:
-    error: ApiError | None = None
+    error: SessionError | None = None
     try:
         return decode_session(data, limits, session)
-    except ApiError as exc:  # anything else fails the test
+    except SessionError as exc:  # anything else fails the test
         error = exc
     assert error.status in (400, 422), error
     assert error.errors, error

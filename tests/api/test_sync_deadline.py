@@ -5,7 +5,7 @@ dropped (a skipped step, history `dropped`), by the next push or by a reader wai
 the step, so that a worker that never pushes cannot wedge the session.
 
 Short real timeouts (0.3 s) show the waiting side; a shifted clock (the `clock` fixture
-moves `service.api.stepping`'s `time.time()`) shows what happens on either side of a
+moves `service.sessions.stepping`'s `time.time()`) shows what happens on either side of a
 60 s deadline without waiting for it.
 """
 
@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.api import stepping
 from service.core.consistency import SyncConsistency, parse_consistency
+from service.sessions import stepping
 from tests.api.support import BINARY, Api, decode, encode
 
 pytestmark = pytest.mark.asyncio
@@ -39,7 +39,7 @@ _real_time = time.time
 
 
 class Clock:
-    """`time.time()` as `service.api.stepping` sees it: the real clock plus `shift`."""
+    """`time.time()` as `service.sessions.stepping` sees it: the real clock plus `shift`."""
 
     def __init__(self) -> None:
         self.shift = 0.0

@@ -17,20 +17,20 @@ from typing import Any, Literal
 import numpy as np
 import orjson
 
-from service.api import codecs
-from service.api.codecs import Reply
-from service.api.engine import OFFLOAD_ELEMENTS, Engine
-from service.api.errors import NoAverage, NoRangeTest, WaitTimeout, invalid, spec_error
-from service.api.parsing import MAX_PREVIEW_COST, check_preview
-from service.api.schemas import PreviewPlotRequest
-from service.api.spec import Spec
-from service.api.stepping import current_lr, range_test_state, split_state
 from service.core import plots
 from service.core.averaging import read_average
 from service.core.errors import SpecError
 from service.core.lr_finder import LRFinderConfig, next_lr, ramp_lr, suggest
 from service.core.schedules import parse_schedule
 from service.core.state import OptState
+from service.sessions import codecs
+from service.sessions.codecs import Reply
+from service.sessions.engine import OFFLOAD_ELEMENTS, Engine
+from service.sessions.errors import NoAverage, NoRangeTest, WaitTimeout, invalid, spec_error
+from service.sessions.parsing import MAX_PREVIEW_COST, check_preview
+from service.sessions.requests import PreviewPlotRequest
+from service.sessions.spec import Spec
+from service.sessions.stepping import current_lr, range_test_state, split_state
 from service.store.base import SessionMeta
 
 Average = Literal["ema", "swa"]

@@ -9,7 +9,7 @@ checking it as docs/state.md says (the spec as a creation request is checked, th
 tensors against the layout and the dtype, the state entries against what the optimizer
 and the session's features keep, `extra` and the schedule state against the spec);
 given the session a PUT replaces, it also checks that the file's configuration is that
-session's. Every refusal is an `ApiError` naming the tensor or metadata key at fault.
+session's. Every refusal is an `SessionError` naming the tensor or metadata key at fault.
 
 A round trip is exact: arrays are copied as their bytes, scalars keep their type
 (int64, float64, bool), and the JSON of spec, schedule state and `extra` is what the
@@ -27,25 +27,6 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from service.api import codecs
-from service.api.errors import (
-    Invalid,
-    Loc,
-    UnsupportedMediaType,
-    field_error,
-    invalid,
-)
-from service.api.federation import UPDATE_PREFIX
-from service.api.parsing import build_spec, validate_model
-from service.api.schemas import CreateSession
-from service.api.spec import (
-    SPEC_FORMAT,
-    Limits,
-    Spec,
-    decode_schedule_state,
-    encode_schedule_state,
-)
-from service.api.stepping import ACC_SUM, current_lr, split_state
 from service.core import find_nonfinite, tensorfile
 from service.core.averaging import EMA_AVG, EMA_N, SWA_AVG, SWA_N
 from service.core.consistency import parse_consistency
@@ -53,6 +34,25 @@ from service.core.errors import CoreError
 from service.core.federated import MAX_EXAMPLES
 from service.core.lr_finder import LRFinderState
 from service.core.state import OptState
+from service.sessions import codecs
+from service.sessions.errors import (
+    Invalid,
+    Loc,
+    UnsupportedMediaType,
+    field_error,
+    invalid,
+)
+from service.sessions.federation import UPDATE_PREFIX
+from service.sessions.parsing import build_spec, validate_model
+from service.sessions.requests import CreateSession
+from service.sessions.spec import (
+    SPEC_FORMAT,
+    Limits,
+    Spec,
+    decode_schedule_state,
+    encode_schedule_state,
+)
+from service.sessions.stepping import ACC_SUM, current_lr, split_state
 from service.store.base import SessionBlobs, SessionMeta
 
 #: the `format` of a state file

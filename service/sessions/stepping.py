@@ -4,7 +4,7 @@ The engine loads a session inside a store transaction and calls one of these wit
 meta, params and state; they return what to commit (`Computed`: the new meta, the new
 blobs or None to keep them, the encoded answer, the arrays to cache and the history
 entry) and never write what they were given (optimizers run with `inplace=False`).
-Refusals raise `ApiError`s before anything is committed (DESIGN.md, decision 5).
+Refusals raise `SessionError`s before anything is committed (DESIGN.md, decision 5).
 
 **The state blob** holds the optimizer's `OptState` plus the session's own entries,
 whose names carry a dot (no optimizer's do): `ema.*` and `swa.*` (parameter averages,
@@ -51,12 +51,6 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.api import codecs
-from service.api.cache import Cached
-from service.api.codecs import Reply
-from service.api.errors import Invalid, RangeTestOver, StaleGradient, field_error, invalid
-from service.api.parsing import StepInput, nonfinite_grads
-from service.api.spec import Spec, decode_schedule_state, encode_schedule_state
 from service.core import FlatLayout, apply_transforms, find_nonfinite
 from service.core.averaging import update_averages
 from service.core.consistency import (
@@ -72,6 +66,12 @@ from service.core.consistency import (
 from service.core.lr_finder import LRFinderState
 from service.core.lr_finder import observe as observe_range_test
 from service.core.state import OptState
+from service.sessions import codecs
+from service.sessions.cache import Cached
+from service.sessions.codecs import Reply
+from service.sessions.errors import Invalid, RangeTestOver, StaleGradient, field_error, invalid
+from service.sessions.parsing import StepInput, nonfinite_grads
+from service.sessions.spec import Spec, decode_schedule_state, encode_schedule_state
 from service.store.base import SessionBlobs, SessionMeta
 
 #: the state entry holding a sync session's accumulated gradient

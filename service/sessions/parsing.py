@@ -22,10 +22,6 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from service.api import codecs
-from service.api.errors import Invalid, field_error, invalid, layout_error, spec_error
-from service.api.schemas import CreateSession, StepRequest
-from service.api.spec import DEFAULT_HISTORY, Limits, Spec
 from service.core import FlatLayout, GradientTransforms, find_nonfinite
 from service.core.averaging import parse_ema, parse_swa
 from service.core.consistency import parse_consistency
@@ -35,6 +31,10 @@ from service.core.lr_finder import parse_lr_finder_config
 from service.core.optim import get_optimizer, parse_hyper
 from service.core.schedules import Schedule, check_rates, parse_schedule
 from service.core.schedules.momentum import supports_momentum
+from service.sessions import codecs
+from service.sessions.errors import Invalid, field_error, invalid, layout_error, spec_error
+from service.sessions.requests import CreateSession, StepRequest
+from service.sessions.spec import DEFAULT_HISTORY, Limits, Spec
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 import orjson
-from starlette.responses import JSONResponse
 
-from service.api.errors import (
+from service.core import tensorfile
+from service.sessions.errors import (
     BadRequest,
     Invalid,
     Loc,
@@ -37,7 +37,6 @@ from service.api.errors import (
     field_error,
     invalid,
 )
-from service.core import tensorfile
 
 JSON = "application/json"
 BINARY = "application/octet-stream"
@@ -53,13 +52,6 @@ class Reply:
     body: bytes
     media_type: str
     headers: dict[str, str] = field(default_factory=dict)
-
-
-class FastJSONResponse(JSONResponse):
-    """JSON rendered by orjson (NumPy arrays and scalars included)."""
-
-    def render(self, content: Any) -> bytes:
-        return dumps(content)
 
 
 def dumps(obj: Any) -> bytes:
@@ -475,7 +467,6 @@ def _step_to_json(body: bytes, shapes: Mapping[str, tuple[int, ...]]) -> Reply:
 __all__ = [
     "BINARY",
     "JSON",
-    "FastJSONResponse",
     "Invalid",
     "Reply",
     "binary_reply",

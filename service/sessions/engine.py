@@ -2,7 +2,7 @@
 
 Routes hand the engine a tenant, a session id and the raw body; the engine validates,
 talks to the store, calls the core and returns the encoded answer (`codecs.Reply`) or
-raises an `ApiError`. It owns three concerns the routes should not see:
+raises an `SessionError`. It owns three concerns the routes should not see:
 
 **Validation before any write** (DESIGN.md, decision 5). Create parses the optimizer
 (`parse_hyper`), the schedule (`parse_schedule`), the training settings of
@@ -44,7 +44,7 @@ the step is made for every tensor, zeros in an omitted one; torch makes it later
 from that tensor's first gradient, which is the same buffer unless `dampening` > 0.
 Without the flag a missing tensor is refused (422), as API.md says.
 
-**State files** (docs/state.md; `service.api.state_io` reads and writes them): an export
+**State files** (docs/state.md; `service.sessions.state_io` reads and writes them): an export
 is a read of one version; an import validates the whole file, then stores a new session
 (as create does); a replacement (PUT) validates it against the session's configuration,
 then commits it through `_transact` like a step (version-checked, `version` + 1). No
@@ -83,11 +83,16 @@ import anyio.to_thread
 import numpy as np
 import orjson
 
-from service.api import codecs, state_io
-from service.api import metrics as m
-from service.api.cache import Cached, SessionCache
-from service.api.codecs import Reply
-from service.api.errors import (
+from service.config import Settings
+from service.core.averaging import init_averages
+from service.core.errors import SpecError
+from service.core.schedules import parse_schedule
+from service.core.state import OptState
+from service.sessions import codecs, state_io
+from service.sessions import metrics as m
+from service.sessions.cache import Cached, SessionCache
+from service.sessions.codecs import Reply
+from service.sessions.errors import (
     IdempotencyInFlight,
     IdempotencyMismatch,
     NotFederated,
@@ -96,7 +101,7 @@ from service.api.errors import (
     invalid,
     spec_error,
 )
-from service.api.federation import (
+from service.sessions.federation import (
     closable,
     compute_close,
     compute_update,
@@ -107,16 +112,16 @@ from service.api.federation import (
     round_state,
     update_key,
 )
-from service.api.parsing import (
+from service.sessions.parsing import (
     StepInput,
     check_preview,
     parse_create,
     parse_step,
     validate_model,
 )
-from service.api.schemas import MetricsRequest, PreviewRequest
-from service.api.spec import Limits, Spec, encode_schedule_state
-from service.api.stepping import (
+from service.sessions.requests import MetricsRequest, PreviewRequest
+from service.sessions.spec import Limits, Spec, encode_schedule_state
+from service.sessions.stepping import (
     Computed,
     accumulation_due,
     close_expired,
@@ -128,11 +133,6 @@ from service.api.stepping import (
     pending_of,
     waited_reply,
 )
-from service.config import Settings
-from service.core.averaging import init_averages
-from service.core.errors import SpecError
-from service.core.schedules import parse_schedule
-from service.core.state import OptState
 from service.store.base import (
     IdempotencyRecord,
     SessionBlobs,

@@ -29,17 +29,17 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.api import codecs
-from service.api.cache import Cached
-from service.api.errors import ApiError, Invalid, field_error, invalid, layout_error
-from service.api.parsing import StepInput, validate_model
-from service.api.schemas import UpdateRequest
-from service.api.spec import Spec
-from service.api.stepping import Computed, apply_step, current_lr, join_state, split_state
 from service.core import find_nonfinite
 from service.core.errors import LayoutError
 from service.core.federated import aggregate
 from service.core.state import OptState
+from service.sessions import codecs
+from service.sessions.cache import Cached
+from service.sessions.errors import Invalid, SessionError, field_error, invalid, layout_error
+from service.sessions.parsing import StepInput, validate_model
+from service.sessions.requests import UpdateRequest
+from service.sessions.spec import Spec
+from service.sessions.stepping import Computed, apply_step, current_lr, join_state, split_state
 from service.store.base import SessionBlobs, SessionMeta
 
 #: the state entries holding the round's updates: `fed.u.<arrival index>`
@@ -73,7 +73,7 @@ def resubmitted(client_id: str, round_number: int) -> Invalid:
     )
 
 
-class RoundClosed(ApiError):
+class RoundClosed(SessionError):
     """409: an update for a round that is not the current one; member `round`."""
 
     status, slug, title = 409, "round-closed", "Round closed"
