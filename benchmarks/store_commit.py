@@ -2,7 +2,7 @@
 
 A step commits a small meta document plus two blobs (by default a 4 MB params blob and an
 8 MB state blob, as for 1M float32 parameters under Adam) only if the stored version is
-still the one the step read (DESIGN.md, decision 3). This benchmark times, in one run
+still the one the step read (docs/design.md, decision 3). This benchmark times, in one run
 against one Redis server, the ways to do that with redis-py's asyncio client:
 
 - `watch`: WATCH meta + HGET version (one round trip), then MULTI / HSET meta / SET

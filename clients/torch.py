@@ -30,7 +30,7 @@ can stop and resume (or move to another machine) against the same session::
 How it maps to torch:
 
 * **The schedule runs on the server** (`schedule`, the `torch.optim.lr_scheduler`
-  equivalents of API.md). After every step `param_groups[0]["lr"]` is the rate the
+  equivalents of docs/api.md). After every step `param_groups[0]["lr"]` is the rate the
   server used for that step (before the first step: the rate the first step will use),
   so LR loggers and progress bars show it. Writing `lr` yourself, or attaching a
   `torch.optim.lr_scheduler` to this optimizer, has no effect (a warning says so).

@@ -3,7 +3,7 @@
 Layout: 8-byte little-endian header length N, N bytes of JSON header mapping each tensor
 name to `{"dtype", "shape", "data_offsets": [begin, end]}` (offsets relative to the end of
 the header), an optional `"__metadata__"` map of strings, then the raw little-endian
-data. This is the binary wire format of API.md and the form optimizer state is stored
+data. This is the binary wire format of docs/api.md and the form optimizer state is stored
 in. Nothing here unpickles; decoding returns read-only views of the input buffer.
 
 This module is shared by the clients (`clients.tensorfile` re-exports it) and the server

@@ -1,4 +1,4 @@
-"""The HTTP API (API.md): routers, request/response schemas, wire codecs, errors.
+"""The HTTP API (docs/api.md): routers, request/response schemas, wire codecs, errors.
 
 `service.app.create_app` assembles it. Modules: `engine` (the domain flow: validation,
 the step transaction, idempotency, the replica cache; no FastAPI), `codecs` (JSON via

@@ -1,6 +1,6 @@
 """HTTP problems: the `SessionError` tree and the handlers that render RFC 9457 problem+json.
 
-Every refusal the API makes is a problem document (API.md, "Conventions"):
+Every refusal the API makes is a problem document (docs/api.md, "Conventions"):
 
     {"type": "urn:optserve:problem:<slug>", "title": "...", "status": 422,
      "detail": "...", "errors": [{"loc": ["body", "optimizer", "betas", 0], "msg": "..."}]}
@@ -10,7 +10,7 @@ can branch on it; `title` is its short human text); `errors` lists each field at
 its `loc` a path into the request (`["body", ...]`, `["path", "session_id"]`,
 `["header", "Idempotency-Key"]`), empty when no field is to blame.
 
-Mapping (the table of API.md):
+Mapping (the table of docs/api.md):
 
 * `SessionError` subclasses carry their status; raised anywhere below a route.
 * core `SpecError` (optimizer, schedule) -> 422 with each error's loc under

@@ -5,7 +5,7 @@ FastAPI derives the paths, parameters and JSON schemas from the routes and model
 
 * the request models the session routes read by hand (`CreateSession`, `StepRequest`)
   and `Problem`, as components;
-* request and response examples (those of API.md, and real answers of the server);
+* request and response examples (those of docs/api.md, and real answers of the server);
 * the safetensors form of each tensor-bearing body (`application/octet-stream`): the
   layout, which tensors it holds and which `__metadata__` keys it carries;
 * `Accept` negotiation of the responses holding tensors;
@@ -116,7 +116,7 @@ _NEGOTIATION = (
     "q-value, or `application/json` not named). Problems are always problem+json."
 )
 
-# --- examples (API.md, and real answers of the server) -----------------------------
+# --- examples (docs/api.md, and real answers of the server) -----------------------------
 
 _CREATE = {
     "optimizer": {"name": "adam", "lr": 0.001, "betas": [0.9, 0.999], "weight_decay": 0.0},
@@ -149,7 +149,7 @@ def _ex(summary: str, value: Any) -> dict[str, Any]:
 
 _REQUEST_EXAMPLES: dict[str, dict[str, Any]] = {
     "createSession": {
-        "adam_cosine": _ex("Adam with warm-up and cosine decay (API.md)", _CREATE),
+        "adam_cosine": _ex("Adam with warm-up and cosine decay (docs/api.md)", _CREATE),
         "sgd_float64": _ex(
             "SGD with Nesterov momentum, float64, constant rate",
             {
@@ -169,13 +169,13 @@ _REQUEST_EXAMPLES: dict[str, dict[str, Any]] = {
         ),
     },
     "stepSession": {
-        "params": _ex("A gradient and the loss (API.md)", {"grads": _GRADS, "loss": 0.73}),
+        "params": _ex("A gradient and the loss (docs/api.md)", {"grads": _GRADS, "loss": 0.73}),
         "updates": _ex("Answer with the updates", {"grads": _GRADS, "return": "updates"}),
         "none": _ex("Answer with the counters only", {"grads": _GRADS, "return": "none"}),
     },
     "previewSchedule": {
         "step": _ex(
-            "StepLR (API.md)",
+            "StepLR (docs/api.md)",
             {"lr": 0.1, "schedule": {"name": "step", "step_size": 30, "gamma": 0.1}, "steps": 100},
         ),
         "step_short": _ex(
@@ -194,7 +194,7 @@ _REQUEST_EXAMPLES: dict[str, dict[str, Any]] = {
 }
 
 _RESPONSE_EXAMPLES: dict[str, dict[str, Any]] = {
-    "createSession": {"created": _ex("A new session (API.md)", _SESSION)},
+    "createSession": {"created": _ex("A new session (docs/api.md)", _SESSION)},
     "getSession": {
         "after_4_steps": _ex(
             "After four steps",
@@ -203,7 +203,7 @@ _RESPONSE_EXAMPLES: dict[str, dict[str, Any]] = {
     },
     "listSessions": {
         "two": _ex(
-            "Two sessions: the API.md one after four steps, and a newer one",
+            "Two sessions: the docs/api.md one after four steps, and a newer one",
             {
                 "sessions": [
                     {
@@ -295,7 +295,7 @@ _RESPONSE_EXAMPLES: dict[str, dict[str, Any]] = {
     },
     "importSession": {
         "imported": _ex(
-            "A new session from the state file of the API.md session after three steps",
+            "A new session from the state file of the docs/api.md session after three steps",
             {
                 **_SESSION,
                 "id": "Vt3xq8kP0aZcR2mL9sWe1uYbNf4HjD6g",
@@ -307,7 +307,7 @@ _RESPONSE_EXAMPLES: dict[str, dict[str, Any]] = {
     },
     "replaceState": {
         "replaced": _ex(
-            "The API.md session after four steps, put back to its state file of step 3",
+            "The docs/api.md session after four steps, put back to its state file of step 3",
             {**_SESSION, "step": 3, "version": 5, "lr": 3e-05, "updated_at": 1795266013.0},
         )
     },

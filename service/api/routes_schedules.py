@@ -1,4 +1,4 @@
-"""`/v1/schedules`: preview a learning-rate schedule (API.md)."""
+"""`/v1/schedules`: preview a learning-rate schedule (docs/api.md)."""
 
 from __future__ import annotations
 

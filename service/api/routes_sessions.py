@@ -1,4 +1,4 @@
-"""`/v1/sessions`: create, list, read, delete a session, read its params, step it (API.md).
+"""`/v1/sessions`: create, list, read, delete a session, read its params, step it (docs/api.md).
 
 Bodies are read raw (JSON or safetensors, by Content-Type) and handed to the engine;
 responses carrying tensors follow `Accept` (`application/octet-stream` for safetensors).

@@ -1,4 +1,4 @@
-"""Response models of the v1 API (API.md), with examples for OpenAPI; the request models
+"""Response models of the v1 API (docs/api.md), with examples for OpenAPI; the request models
 are the sessions layer's (`service.sessions.requests`), re-exported here.
 
 """

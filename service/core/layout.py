@@ -1,4 +1,4 @@
-"""Flat layout of a session's tensors (DESIGN.md, decision 1).
+"""Flat layout of a session's tensors (docs/design.md, decision 1).
 
 All tensors of a session are laid end to end in one flat vector; a `FlatLayout` keeps
 name -> (offset, shape) so the vector can be split back into named views, and gives the

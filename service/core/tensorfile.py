@@ -10,7 +10,7 @@ here raise that error (the clients' `TensorFileError` is a base class of it).
 Layout: 8-byte little-endian header length N, N bytes of JSON header mapping each tensor
 name to `{"dtype", "shape", "data_offsets": [begin, end]}` (offsets relative to the end of
 the header), an optional `"__metadata__"` map of strings, then the raw little-endian
-data. This is the binary wire format of API.md and the form optimizer state is stored
+data. This is the binary wire format of docs/api.md and the form optimizer state is stored
 in. Nothing here unpickles; decoding returns read-only views of the input buffer.
 """
 

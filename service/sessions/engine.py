@@ -4,7 +4,7 @@ Routes hand the engine a tenant, a session id and the raw body; the engine valid
 talks to the store, calls the core and returns the encoded answer (`codecs.Reply`) or
 raises an `SessionError`. It owns three concerns the routes should not see:
 
-**Validation before any write** (DESIGN.md, decision 5). Create parses the optimizer
+**Validation before any write** (docs/design.md, decision 5). Create parses the optimizer
 (`parse_hyper`), the schedule (`parse_schedule`), the training settings of
 docs/training.md, checks that a schedule cycling the momentum has a momentum or beta1
 to cycle, that the params are finite and within `settings.max_params`, before anything
@@ -42,7 +42,7 @@ the session's step count, where torch would use the count of its own updates. A 
 array made lazily on first use (SGD's `momentum_buffer`) that does not exist before
 the step is made for every tensor, zeros in an omitted one; torch makes it later,
 from that tensor's first gradient, which is the same buffer unless `dampening` > 0.
-Without the flag a missing tensor is refused (422), as API.md says.
+Without the flag a missing tensor is refused (422), as docs/api.md says.
 
 **State files** (docs/state.md; `service.sessions.state_io` reads and writes them): an export
 is a read of one version; an import validates the whole file, then stores a new session
@@ -50,7 +50,7 @@ is a read of one version; an import validates the whole file, then stores a new 
 then commits it through `_transact` like a step (version-checked, `version` + 1). No
 Idempotency-Key: replacing by the same file twice leaves the same state.
 
-**Idempotency** (decision 4; REFERENCES.md). With an `Idempotency-Key`, the request's
+**Idempotency** (decision 4; docs/references.md). With an `Idempotency-Key`, the request's
 fingerprint is sha256 over method, path and body. A stored record with the same
 fingerprint is replayed byte for byte (status, headers, body, plus
 `Idempotent-Replayed: true`), except that a step's `200` answer follows the retry's
@@ -306,7 +306,7 @@ class Engine:
         }
 
     def document(self, meta: SessionMeta, spec: Spec) -> dict[str, Any]:
-        """The session document of API.md (`GET /v1/sessions/{id}`), with extensions."""
+        """The session document of docs/api.md (`GET /v1/sessions/{id}`), with extensions."""
         stored = spec.stored()
         return {
             "id": meta.id,

@@ -1,7 +1,7 @@
 """Parsing of create and step bodies (JSON or binary) into NumPy, validated.
 
 Everything here runs before anything is stored or an idempotency key is claimed
-(DESIGN.md, decision 5): `parse_create` builds the session's `Spec` and flat params,
+(docs/design.md, decision 5): `parse_create` builds the session's `Spec` and flat params,
 `parse_step` a `StepInput` checked against the session's layout (names, shapes,
 numbers, finiteness unless the session skips non-finite steps) and its loss.
 

@@ -4,7 +4,7 @@ The engine loads a session inside a store transaction and calls one of these wit
 meta, params and state; they return what to commit (`Computed`: the new meta, the new
 blobs or None to keep them, the encoded answer, the arrays to cache and the history
 entry) and never write what they were given (optimizers run with `inplace=False`).
-Refusals raise `SessionError`s before anything is committed (DESIGN.md, decision 5).
+Refusals raise `SessionError`s before anything is committed (docs/design.md, decision 5).
 
 **The state blob** holds the optimizer's `OptState` plus the session's own entries,
 whose names carry a dot (no optimizer's do): `ema.*` and `swa.*` (parameter averages,

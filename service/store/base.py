@@ -5,7 +5,7 @@ plus two blobs (`SessionBlobs`: the flat parameter vector's raw bytes and the op
 state's safetensors bytes). Two implementations: Redis (`service.store.redis_store`) and
 in-process (`service.store.memory`), the embedded default. Both behave the same.
 
-A step is a transaction (DESIGN.md, decision 3): inside `store.transaction(sid)`,
+A step is a transaction (docs/design.md, decision 3): inside `store.transaction(sid)`,
 `load()` reads the session at version v (skipping the blobs when the caller already
 holds version v), the caller computes, and `commit()` writes meta, blobs and the
 idempotency record so that they become visible together or not at all, and only if the
@@ -42,7 +42,7 @@ class SessionMeta:
     dtype, layout as `[[name, shape], ...]`, transforms, nonfinite policy, ...): the
     store does not interpret it. `version` is the store's revision: bumped by every
     commit, it is what a commit is checked against and what names the blobs.
-    `params_version` is the version clients see (API.md's `version`): bumped by every
+    `params_version` is the version clients see (docs/api.md's `version`): bumped by every
     step, applied or skipped, but not by commits that leave the params as they were (a
     reported loss, a gradient accumulated in a sync session). `step` counts applied
     steps; `skipped` counts steps skipped for non-finite gradients. `extra` holds small

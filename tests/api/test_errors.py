@@ -1,4 +1,4 @@
-"""Every row of API.md's error table, as RFC 9457 problem+json, and a refused request
+"""Every row of docs/api.md's error table, as RFC 9457 problem+json, and a refused request
 changes nothing: the session's version is the same afterwards."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """`Idempotency-Key`: a retry gets the first answer again, byte for byte, and the
-gradient is applied once (API.md; REFERENCES.md "Idempotency")."""
+gradient is applied once (docs/api.md; docs/references.md "Idempotency")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The OpenAPI document: `openapi.yaml` is what the app says, it describes API.md, and
+"""The OpenAPI document: `openapi.yaml` is what the app says, it describes docs/api.md, and
 its examples are right (valid against their own schemas, accepted by the server)."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ JSON = "application/json"
 BINARY = "application/octet-stream"
 PROBLEM = "application/problem+json"
 
-#: every operation of API.md: (path, method) -> statuses it can answer
+#: every operation of docs/api.md: (path, method) -> statuses it can answer
 API_MD: dict[tuple[str, str], set[str]] = {
     ("/v1/sessions", "post"): {"201", "400", "401", "413", "415", "422", "503"},
     ("/v1/sessions", "get"): {"200", "401", "422", "503"},
@@ -255,7 +255,7 @@ def test_every_example_matches_its_schema(doc: dict[str, Any]) -> None:
     examples: list[tuple[str, str, Any]] = []
     _collect_examples(doc, [], examples)
     wheres = {where for _, where, _ in examples}
-    # the examples of API.md are there, and more
+    # the examples of docs/api.md are there, and more
     for op_path in (
         "/paths/~1v1~1sessions/post/requestBody/content/application~1json/examples/adam_cosine",
         "/paths/~1v1~1sessions~1{session_id}~1step/post/requestBody/content/application~1json"
@@ -329,7 +329,7 @@ async def test_request_examples_are_accepted(api: Api, doc: dict[str, Any]) -> N
         sid, names = r.json()["id"], set(r.json()["params"])
         for body in step.values():
             if set(body["value"]["grads"]) != names:
-                continue  # the step examples are for the params of API.md
+                continue  # the step examples are for the params of docs/api.md
             r = await api.step(sid, body["value"])
             assert r.status_code == 200, r.text
             assert step_schema.is_valid(r.json())
@@ -340,7 +340,7 @@ async def test_request_examples_are_accepted(api: Api, doc: dict[str, Any]) -> N
 
 @pytest.mark.asyncio
 async def test_response_examples_are_real_answers(api: Api, doc: dict[str, Any]) -> None:
-    """The answers documented are those of the API.md session after its API.md steps."""
+    """The answers documented are those of the docs/api.md session after its docs/api.md steps."""
     sessions, one = "/v1/sessions", "/v1/sessions/{session_id}"
     created = await api.client.post(
         sessions, json=_content(doc, sessions, "post")["adam_cosine"]["value"]

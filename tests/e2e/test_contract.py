@@ -1,4 +1,4 @@
-"""The v1 contract (API.md) over the wire, against both live servers: two uvicorn
+"""The v1 contract (docs/api.md) over the wire, against both live servers: two uvicorn
 workers on Redis, and the in-process store.
 
 The in-process contract tests (tests/api) reach into the store and build apps with

@@ -9,7 +9,7 @@ session made, and /healthz answering within 1 s while it runs.
 Overlapping offsets, gaps between tensors and bytes after the last tensor are malformed
 by the safetensors format itself ("the byte buffer needs to be entirely indexed, and
 cannot contain holes. This prevents the creation of polyglot files": the reference
-implementation refuses them), and API.md's binary tensor set is one safetensors file.
+implementation refuses them), and docs/api.md's binary tensor set is one safetensors file.
 """
 
 from __future__ import annotations

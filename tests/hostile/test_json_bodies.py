@@ -1,4 +1,4 @@
-"""Hostile JSON bodies against a live server (issue 12, items 4, 6 and 8; API.md: a JSON
+"""Hostile JSON bodies against a live server (issue 12, items 4, 6 and 8; docs/api.md: a JSON
 tensor holds finite numbers only, booleans are not numbers).
 
 * Numbers JSON cannot hold or a float cannot: `1e400`, `NaN` / `Infinity` literals,

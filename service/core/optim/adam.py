@@ -48,7 +48,7 @@ class Adam(Optimizer[AdamHyper]):
         p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 
     eps is added outside the bias-corrected square root (torch; Keras and optax differ,
-    see REFERENCES.md). Defaults: lr 1e-3, betas (0.9, 0.999), eps 1e-8,
+    see docs/references.md). Defaults: lr 1e-3, betas (0.9, 0.999), eps 1e-8,
     weight_decay 0, amsgrad False, maximize False, decoupled_weight_decay False.
     State: ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq`` with amsgrad), ``step``.
 

@@ -1,6 +1,6 @@
 """What every optimizer is: validated hyperparameters and a pure init/update pair.
 
-An optimizer (DESIGN.md, decision 1) works on the flat vector of all of a session's
+An optimizer (docs/design.md, decision 1) works on the flat vector of all of a session's
 tensors. `init(hp, params)` makes its state; `update(hp, grads, state, params, lr)`
 returns `(new_params, new_state)` and leaves its inputs untouched, unless the caller
 passes `inplace=True` (the server's hot path, which owns its buffers), in which case the

@@ -87,7 +87,7 @@ class SWATS(Optimizer[SWATSHyper]):
 
     Deviations from Mrpatekful/swats: its ``gamma`` and ``lambda`` are per tensor and
     the whole group switches (at that tensor's rate) when any one tensor passes the test;
-    here, as in REFERENCES.md and the paper's vector notation, one ``gamma`` over the
+    here, as in docs/references.md and the paper's vector notation, one ``gamma`` over the
     whole flat vector. Its SGD phase scales the momentum buffer itself by
     ``1 - beta1`` each step (an in-place ``grad.mul_`` on the buffer); here the buffer
     is the paper's ``b = beta1 * b + g`` and only the step is scaled. It writes the

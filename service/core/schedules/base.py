@@ -1,13 +1,13 @@
 """What every learning-rate schedule is: a validated spec and a pure function of the step.
 
-A schedule (DESIGN.md, decision 2) gives the absolute rate for step `t` (0-based: the
+A schedule (docs/design.md, decision 2) gives the absolute rate for step `t` (0-based: the
 number of steps applied before it) in closed form, so any replica computes any step
 directly. `lr(t, base_lr)` starts from the optimizer's `lr` (`base_lr`) unless the
 schedule takes explicit rates (`cyclic`, `one_cycle`). A schedule may also cycle the
 momentum (SGD) or beta1 (Adam family): `momentum(t)` gives it, `None` when it does not
 (`cycles_momentum` says which, from the spec alone).
 
-Any schedule may carry `warmup: {"steps": N, "start_factor": f}` (API.md): for `t < N`
+Any schedule may carry `warmup: {"steps": N, "start_factor": f}` (docs/api.md): for `t < N`
 the rate is `base_lr * (f + (1 - f) * t / N)` (torch `LinearLR` with `end_factor=1`),
 and from `t = N` on the schedule itself runs on `t - N` (its momentum too; during the
 warm-up the momentum is the schedule's value at its own step 0).
