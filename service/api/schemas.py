@@ -93,7 +93,12 @@ class SessionDoc(BaseModel):
 
     id: str
     step: int = Field(description="steps applied")
-    version: int = Field(description="bumped by every committed change (skipped steps too)")
+    version: int = Field(
+        description=(
+            "the params version: bumped by every step, skipped ones included (a reported "
+            "loss or a pending sync push does not move it)"
+        )
+    )
     lr: float = Field(description="the rate the next step will use")
     optimizer: dict[str, Any] = Field(description="every hyperparameter, defaults filled")
     schedule: dict[str, Any] | None = Field(description="as given, defaults filled")
@@ -101,7 +106,13 @@ class SessionDoc(BaseModel):
     params: dict[str, TensorInfo]
     transforms: dict[str, Any] = Field(description="gradient transforms (extension)")
     nonfinite: NonFinitePolicy = Field(description="non-finite gradient policy (extension)")
-    skipped: int = Field(0, description="steps skipped for non-finite gradients (extension)")
+    skipped: int = Field(
+        0,
+        description=(
+            "steps skipped: a non-finite gradient or result under `nonfinite: skip`, a "
+            "diverged range test, a sync accumulation dropped at its deadline (extension)"
+        ),
+    )
     created_at: float = Field(0.0, description="Unix time (extension)")
     updated_at: float = Field(0.0, description="Unix time (extension)")
     lr_finder: dict[str, Any] | None = Field(None, description="range test (extension)")
@@ -158,7 +169,10 @@ class StepResponse(BaseModel):
     step: int
     version: int
     lr: float = Field(description="the rate used by this step (the schedule at t = step - 1)")
-    skipped: bool = Field(False, description="the gradient was non-finite and skipped")
+    skipped: bool = Field(
+        False,
+        description="the step changed nothing: a non-finite gradient or result was skipped",
+    )
     grad_norm: float | None = Field(
         None, description="norm of the incoming gradient (null when non-finite) (extension)"
     )
@@ -213,7 +227,7 @@ class MetricsResponse(BaseModel):
 
 
 class HistoryEntry(BaseModel):
-    kind: Literal["step", "metrics"]
+    kind: Literal["step", "metrics", "round"]
     step: int
     version: int
     time: float
