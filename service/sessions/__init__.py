@@ -12,7 +12,11 @@ exceptions carrying the problem the API renders. Request bodies are the pydantic
 models of requests.py. Nothing here imports FastAPI, Starlette or `service.api`
 (tests/test_import_rules.py).
 
+What a session keeps beside params and state (`meta.extra`) is typed in model.py:
+`Pending` and `LastStep` are read and written through their models, `RoundRecord`
+checks imported rounds (federation.py still handles the open round as a dict).
+
 Still to come (issue 17): typed outcomes instead of encoded replies (`codecs.Reply` is
-built here, inside the commit, for idempotent replays), one typed model of the stored
-session instead of `meta.extra[...]` dicts, and smaller functions.
+built here, inside the commit, for idempotent replays), federation on `RoundRecord`,
+and smaller functions (`apply_step`, `compute_step`).
 """

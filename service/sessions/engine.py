@@ -883,10 +883,10 @@ def _pending_doc(spec: Spec, meta: SessionMeta) -> dict[str, Any]:
     resolves it."""
     assert spec.sync is not None
     pending = pending_of(meta)
-    started = pending["started_at"]
+    started = pending.started_at
     return {
-        "base_version": int(pending["base_version"]),
-        "count": int(pending["count"]),
+        "base_version": pending.base_version,
+        "count": pending.count,
         "accumulate": spec.sync.accumulate,
         "started_at": None if started is None else float(started),
         "deadline": pending_deadline(spec, meta),

@@ -25,13 +25,12 @@ from typing import Any
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ValidationError
 
 from service.core import find_nonfinite, tensorfile
 from service.core.averaging import EMA_AVG, EMA_N, SWA_AVG, SWA_N
 from service.core.consistency import parse_consistency
 from service.core.errors import CoreError
-from service.core.federated import MAX_EXAMPLES
 from service.core.lr_finder import LRFinderState
 from service.core.state import OptState
 from service.sessions import codecs
@@ -43,6 +42,7 @@ from service.sessions.errors import (
     invalid,
 )
 from service.sessions.federation import UPDATE_PREFIX
+from service.sessions.model import MAX_SAFE_INT, LastStep, Pending, RoundRecord
 from service.sessions.parsing import build_spec, validate_model
 from service.sessions.requests import CreateSession
 from service.sessions.spec import (
@@ -69,9 +69,8 @@ _SCALAR_DTYPES: dict[type, np.dtype[Any]] = {
 _SCALAR_TYPES = {dtype: kind for kind, dtype in _SCALAR_DTYPES.items()}
 _KIND_NAMES = {bool: "a flag (BOOL)", int: "an integer (I64)", float: "a real number (F64)"}
 _META = ["body", "__metadata__"]
-#: the largest counter (and integer of the JSON metadata) a file may hold: JSON clients
-#: in JavaScript read numbers as doubles, exact up to here
-MAX_SAFE_INT = 2**53 - 1
+# MAX_SAFE_INT (model.py): the largest counter (and integer of the JSON metadata) a file
+# may hold: JSON clients in JavaScript read numbers as doubles, exact up to there
 #: digits of a counter: 16 hold MAX_SAFE_INT (9007199254740991)
 _COUNTER_DIGITS = 16
 #: the most dimensions a layout shape may have (NumPy's maximum)
@@ -481,52 +480,6 @@ def _check_next_rate(
         )
 
 
-class _Pending(BaseModel):
-    """A sync session's accumulation; `started_at` (Unix time of its first push) may be
-    absent or null, as in files written before accumulations had deadlines (the session
-    then counts from its `updated_at`: `stepping.pending_of`)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    base_version: int = Field(ge=0)
-    count: int = Field(ge=0)
-    losses: list[float | None] | None
-    started_at: float | None = Field(None, ge=0, allow_inf_nan=False)
-
-
-class _Last(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    lr: float
-    grad_norm: float | None
-    clipped: bool
-    skipped: bool
-    #: gradients combined into that step (0: an accumulation dropped at its deadline);
-    #: absent in files written before accumulations had deadlines
-    contributors: int | None = Field(None, ge=0, le=2**53 - 1)
-
-
-class _Round(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    round: int = Field(ge=0)
-    opened_at: float
-    deadline: float
-    clients: list[str]
-    num_examples: list[int]
-    metrics: list[dict[str, float]]
-
-    @model_validator(mode="after")
-    def _aligned(self) -> _Round:
-        if not len(self.clients) == len(self.num_examples) == len(self.metrics):
-            raise ValueError("clients, num_examples and metrics must have the same length")
-        if len(set(self.clients)) != len(self.clients):
-            raise ValueError("a client is listed twice")
-        if any(not 1 <= n <= MAX_EXAMPLES for n in self.num_examples):
-            raise ValueError(f"num_examples must be from 1 to {MAX_EXAMPLES}")
-        return self
-
-
 def _extra(spec: Spec, metadata: Mapping[str, str]) -> dict[str, Any]:
     """`extra`: only what the session's features keep, each well formed."""
     at = [*_META, "extra"]
@@ -537,9 +490,9 @@ def _extra(spec: Spec, metadata: Mapping[str, str]) -> dict[str, Any]:
     if spec.lr_finder is not None:
         kept["lr_finder"] = LRFinderState
     if spec.sync is not None:
-        kept.update(pending=_Pending, last=_Last)
+        kept.update(pending=Pending, last=LastStep)
     if spec.federated is not None:
-        kept["round"] = _Round
+        kept["round"] = RoundRecord
     for key, value in data.items():
         model = kept.get(key)
         if model is None:

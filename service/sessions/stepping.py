@@ -70,6 +70,7 @@ from service.sessions import codecs
 from service.sessions.cache import Cached
 from service.sessions.codecs import Reply
 from service.sessions.errors import Invalid, RangeTestOver, StaleGradient, field_error, invalid
+from service.sessions.model import LastStep, Pending, read_last, read_pending
 from service.sessions.parsing import StepInput, nonfinite_grads
 from service.sessions.spec import Spec, decode_schedule_state, encode_schedule_state
 from service.store.base import SessionBlobs, SessionMeta
@@ -135,7 +136,7 @@ def range_test_state(meta: SessionMeta) -> LRFinderState:
     return LRFinderState() if data is None else LRFinderState.model_validate(data)
 
 
-def pending_of(meta: SessionMeta) -> dict[str, Any]:
+def pending_of(meta: SessionMeta) -> Pending:
     """A sync session's accumulation on its current version: `base_version`, `count`,
     `losses` (None once a push came without a loss) and `started_at` (Unix time of its
     first push; None when it is empty).
@@ -146,22 +147,13 @@ def pending_of(meta: SessionMeta) -> dict[str, Any]:
     accumulation cannot start after the session's last change: a later `started_at` (a
     state file's, another replica's clock) reads as `updated_at`, so no record can put
     its deadline out of reach."""
-    pending = meta.extra.get("pending")
-    if (
-        pending is None
-        or pending.get("base_version") != meta.params_version
-        or not pending.get("count")
-    ):
-        return _empty_pending(meta.params_version)
-    got = dict(pending)
-    started = got.get("started_at")
-    updated = float(meta.updated_at)
-    got["started_at"] = updated if started is None else min(float(started), updated)
-    return got
-
-
-def _empty_pending(version: int) -> dict[str, Any]:
-    return {"base_version": version, "count": 0, "losses": [], "started_at": None}
+    pending = read_pending(meta)
+    if pending is None or pending.base_version != meta.params_version or not pending.count:
+        return Pending.empty(meta.params_version)
+    started, updated = pending.started_at, float(meta.updated_at)
+    return pending.model_copy(
+        update={"started_at": updated if started is None else min(started, updated)}
+    )
 
 
 def pending_deadline(spec: Spec, meta: SessionMeta) -> float | None:
@@ -169,7 +161,7 @@ def pending_deadline(spec: Spec, meta: SessionMeta) -> float | None:
     pending or the session is not sync)."""
     if spec.sync is None:
         return None
-    started = pending_of(meta)["started_at"]
+    started = pending_of(meta).started_at
     return None if started is None else accumulation_deadline(spec.sync, float(started))
 
 
@@ -179,9 +171,7 @@ def accumulation_due(spec: Spec, meta: SessionMeta) -> bool:
     if spec.sync is None:
         return False
     pending = pending_of(meta)
-    return accumulation_expired(
-        spec.sync, int(pending["count"]), pending["started_at"], time.time()
-    )
+    return accumulation_expired(spec.sync, pending.count, pending.started_at, time.time())
 
 
 def _mean_loss(losses: list[float | None] | None) -> float | None:
@@ -253,33 +243,30 @@ def compute_step(
             )
         now = time.time()
         pending = pending_of(meta)
-        due = accumulation_expired(sync, int(pending["count"]), pending["started_at"], now)
+        due = accumulation_expired(sync, pending.count, pending.started_at, now)
         dropped: bytes | None = None
         if due and sync.on_timeout == "drop":
             # the expired accumulation goes first, as a skipped step that leaves params,
             # state and rate as they were: this push, computed on those same params,
             # starts the next accumulation, on the new version
-            meta, dropped = _dropped(spec, meta, own, extra, int(pending["count"]), now)
+            meta, dropped = _dropped(spec, meta, own, extra, pending.count, now)
             extra, version = dict(meta.extra), meta.params_version
             pending, due = pending_of(meta), False
-        count = int(pending["count"]) + 1
+        count = pending.count + 1
         with np.errstate(over="ignore"):
             total = grads.copy() if count == 1 else np.add(own.arrays[ACC_SUM], grads)
         if spec.transforms.nonfinite != "skip" and not np.isfinite(total).all():
             # finite gradients whose sum overflows: refused, or the accumulation could
             # never complete (its sum stays non-finite)
             raise nonfinite_grads(*find_nonfinite(total, spec.layout))
-        losses = pending["losses"]
+        losses = pending.losses
         losses = None if losses is None or loss is None else [*losses, loss]
         if count < sync.accumulate and not due:
             own.arrays[ACC_SUM] = total
-            started = now if count == 1 else float(pending["started_at"])
-            extra["pending"] = {
-                "base_version": version,
-                "count": count,
-                "losses": losses,
-                "started_at": started,
-            }
+            started = now if count == 1 else pending.started_at
+            extra["pending"] = Pending(
+                base_version=version, count=count, losses=losses, started_at=started
+            ).model_dump()
             done = _pending(spec, meta, params, join_state(opt, own), extra, count)
             done.history = dropped
             return done
@@ -289,7 +276,7 @@ def compute_step(
         loss = _mean_loss(losses)
         contributors = count
         own.arrays.pop(ACC_SUM, None)
-        extra["pending"] = _empty_pending(version + 1)
+        extra["pending"] = Pending.empty(version + 1).model_dump()
     elif too_stale(spec.consistency, stale):
         assert step_input.base_version is not None
         assert stale is not None
@@ -414,14 +401,14 @@ def apply_step(
         new_blobs = SessionBlobs(new_params.tobytes(), new_state.to_bytes())
     grad_norm = result.grad_norm if math.isfinite(result.grad_norm) else None
     if spec.sync is not None:  # what pushes that waited for this step are answered
-        last = {
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "clipped": result.clipped,
-            "skipped": skipped,
-            "contributors": contributors,
-        }
-        new_meta = new_meta.evolve(extra={**new_meta.extra, "last": last})
+        last = LastStep(
+            lr=float(lr),
+            grad_norm=None if grad_norm is None else float(grad_norm),
+            clipped=bool(result.clipped),
+            skipped=bool(skipped),
+            contributors=contributors,
+        )
+        new_meta = new_meta.evolve(extra={**new_meta.extra, "last": last.model_dump()})
     counters: dict[str, Any] = {
         "step": new_meta.step,
         "version": new_meta.params_version,
@@ -541,11 +528,15 @@ def _dropped(
     own.arrays.pop(ACC_SUM, None)
     lr = current_lr(spec, meta)
     version = meta.params_version + 1
-    last = {"lr": lr, "grad_norm": None, "clipped": False, "skipped": True, "contributors": 0}
+    last = LastStep(lr=lr, grad_norm=None, clipped=False, skipped=True, contributors=0)
     new_meta = meta.evolve(
         params_version=version,
         skipped=meta.skipped + 1,
-        extra={**extra, "pending": _empty_pending(version), "last": last},
+        extra={
+            **extra,
+            "pending": Pending.empty(version).model_dump(),
+            "last": last.model_dump(),
+        },
         updated_at=now,
     )
     entry = None
@@ -580,8 +571,8 @@ def close_expired(
         return None
     now = time.time()
     pending = pending_of(meta)
-    count = int(pending["count"])
-    if not accumulation_expired(sync, count, pending["started_at"], now):
+    count = pending.count
+    if not accumulation_expired(sync, count, pending.started_at, now):
         return None
     opt, own = split_state(state)
     extra = dict(meta.extra)
@@ -599,9 +590,9 @@ def close_expired(
             entry,
         )
     total = own.arrays.pop(ACC_SUM)
-    loss = _mean_loss(pending["losses"])
+    loss = _mean_loss(pending.losses)
     grads = reduce_grads(total, count, sync.reduce)
-    extra["pending"] = _empty_pending(meta.params_version + 1)
+    extra["pending"] = Pending.empty(meta.params_version + 1).model_dump()
     return apply_step(
         spec,
         meta,
@@ -637,17 +628,19 @@ def waited_reply(
     """The answer to a sync push whose step happened while it waited: the counters and
     params of the version the wait ended on, with that version's step's rate and norms
     (`skipped` for an accumulation dropped at its deadline)."""
-    last = meta.extra.get("last") or {}
-    accumulate = spec.sync.accumulate if spec.sync is not None else 1
+    last = read_last(meta)
+    contributors = spec.sync.accumulate if spec.sync is not None else 1
+    if last is not None and last.contributors is not None:
+        contributors = last.contributors  # fewer at a deadline, 0 when dropped
     counters: dict[str, Any] = {
         "step": meta.step,
         "version": meta.params_version,
-        "lr": float(last.get("lr", current_lr(spec, meta))),
-        "skipped": bool(last.get("skipped", False)),
-        "grad_norm": last.get("grad_norm"),
-        "clipped": bool(last.get("clipped", False)),
+        "lr": current_lr(spec, meta) if last is None else last.lr,
+        "skipped": last is not None and last.skipped,
+        "grad_norm": None if last is None else last.grad_norm,
+        "clipped": last is not None and last.clipped,
         "staleness": 0,
-        "contributors": accumulate if last.get("contributors") is None else last["contributors"],
+        "contributors": contributors,
     }
     tensors = spec.layout.unflatten(params) if ret == "params" else None
     return _tensor_reply(counters, ret, tensors, binary)
