@@ -16,7 +16,7 @@ from service.api.responses import FastJSONResponse
 from service.api.schemas import ParamsResponse, SessionDoc, SessionList, StepResponse
 from service.sessions import views
 from service.sessions.codecs import BINARY, JSON, Reply, wants_binary
-from service.sessions.engine import StepCall
+from service.sessions.engine_base import StepCall
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 

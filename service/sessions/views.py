@@ -25,7 +25,8 @@ from service.core.schedules import parse_schedule
 from service.core.state import OptState
 from service.sessions import codecs
 from service.sessions.codecs import Reply
-from service.sessions.engine import OFFLOAD_ELEMENTS, Engine
+from service.sessions.engine import Engine
+from service.sessions.engine_base import OFFLOAD_ELEMENTS
 from service.sessions.errors import NoAverage, NoRangeTest, WaitTimeout, invalid, spec_error
 from service.sessions.parsing import MAX_PREVIEW_COST, check_preview
 from service.sessions.requests import PreviewPlotRequest

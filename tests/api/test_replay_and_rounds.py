@@ -21,7 +21,7 @@ import numpy as np
 import orjson
 import pytest
 
-from service.sessions import engine as engine_module
+from service.sessions import engine_base, rounds
 from service.store.base import IdempotencyRecord
 from tests.api.support import BINARY, Api, decode, encode
 
@@ -144,7 +144,7 @@ async def test_a_replay_that_cannot_be_re_encoded_is_406(
     sid, _ = await _twins(api)
     body = _json_body("params")
     path = f"/v1/sessions/{sid}/step"
-    fp = engine_module.fingerprint("POST", path, body)
+    fp = engine_base.fingerprint("POST", path, body)
     recorded = b'{"step": 1, "version": 1, "odd": [1, 2]}'
 
     async def record(session_id: str, key: str) -> IdempotencyRecord | None:
@@ -260,7 +260,7 @@ async def test_an_update_recorded_under_the_old_key_is_still_replayed(
     (simulated by recording one that way); the same update again is replayed, a
     different one is 422 on its client_id."""
     sid = await _federated(api)
-    monkeypatch.setattr(engine_module, "update_key", lambda rnd, client: f"fed:{rnd}:{client}")
+    monkeypatch.setattr(rounds, "update_key", lambda rnd, client: f"fed:{rnd}:{client}")
     first = await _update(api, sid, 0, "c0", 1.0)
     assert first.status_code == 200, first.text
     assert await api.store.get_idempotency(sid, "fed:0:c0") is not None
