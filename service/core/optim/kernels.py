@@ -218,24 +218,11 @@ def _jit(func: Callable[..., None]) -> Any:
 def _make_adam(amsgrad: int) -> Any:
     import numba
 
-    def adam(
-        p: Any,
-        g: Any,
-        m: Any,
-        v: Any,
-        vmax: Any,
-        sign: Any,
-        l2: bool,
-        wd: Any,
-        decay: Any,
-        small: bool,
-        weight: Any,
-        beta2: Any,
-        one_minus_beta2: Any,
-        neg_step_size: Any,
-        bc2_sqrt: Any,
-        eps: Any,
-    ) -> None:
+    def adam(p: Any, g: Any, m: Any, v: Any, vmax: Any, flags: Any, coeffs: Any) -> None:
+        # flags: (l2, small); coeffs, all in the params' dtype: (sign, wd, decay, weight,
+        # beta2, 1 - beta2, -step size, sqrt of the second bias correction, eps)
+        l2, small = flags
+        sign, wd, decay, weight, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps = coeffs
         for i in numba.prange(p.shape[0]):
             gi = sign * g[i]  # maximize: sign = -1, an exact negation
             pi = p[i]
@@ -284,17 +271,18 @@ def adam_step(
         m,
         v,
         vmax,
-        dt(-1.0 if hp.maximize else 1.0),
-        bool(hp.weight_decay != 0 and not decoupled),
-        dt(hp.weight_decay),
-        dt(1.0 - lr * hp.weight_decay if decoupled else 1.0),
-        small,
-        dt(weight if small else -(1.0 - weight)),
-        dt(beta2),
-        dt(1.0 - beta2),
-        dt(-(lr / (1.0 - beta1**step))),
-        dt((1.0 - beta2**step) ** 0.5),
-        dt(hp.eps),
+        (bool(hp.weight_decay != 0 and not decoupled), small),
+        (
+            dt(-1.0 if hp.maximize else 1.0),
+            dt(hp.weight_decay),
+            dt(1.0 - lr * hp.weight_decay if decoupled else 1.0),
+            dt(weight if small else -(1.0 - weight)),
+            dt(beta2),
+            dt(1.0 - beta2),
+            dt(-(lr / (1.0 - beta1**step))),
+            dt((1.0 - beta2**step) ** 0.5),
+            dt(hp.eps),
+        ),
     )
     _copy_back(arrays, outs)
     state.scalars["step"] = step
@@ -306,18 +294,11 @@ def adam_step(
 def _make_sgd(mode: int) -> Any:
     import numba
 
-    def sgd(
-        p: Any,
-        g: Any,
-        buf: Any,
-        sign: Any,
-        l2: bool,
-        wd: Any,
-        momentum: Any,
-        one_minus_dampening: Any,
-        nesterov: bool,
-        neg_lr: Any,
-    ) -> None:
+    def sgd(p: Any, g: Any, buf: Any, flags: Any, coeffs: Any) -> None:
+        # flags: (l2, nesterov); coeffs, all in the params' dtype: (sign, wd, momentum,
+        # 1 - dampening, -lr)
+        l2, nesterov = flags
+        sign, wd, momentum, one_minus_dampening, neg_lr = coeffs
         for i in numba.prange(p.shape[0]):
             gi = sign * g[i]  # maximize: sign = -1, an exact negation
             pi = p[i]
@@ -360,13 +341,14 @@ def sgd_step(
         p,
         _readonly(grads),
         buf,
-        dt(-1.0 if hp.maximize else 1.0),
-        bool(hp.weight_decay != 0),
-        dt(hp.weight_decay),
-        dt(hp.momentum),
-        dt(1.0 - hp.dampening),
-        bool(hp.nesterov),
-        dt(-lr),
+        (bool(hp.weight_decay != 0), bool(hp.nesterov)),
+        (
+            dt(-1.0 if hp.maximize else 1.0),
+            dt(hp.weight_decay),
+            dt(hp.momentum),
+            dt(1.0 - hp.dampening),
+            dt(-lr),
+        ),
     )
     _copy_back(arrays, outs)
     if mode == _SGD_FIRST:
