@@ -22,7 +22,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from service.store import redis_store
+from service.store import redis_store, redis_tx
 from service.store.redis_store import RedisStore, exchange
 
 
@@ -51,7 +51,8 @@ async def main(url: str, prefix: str, sid: str, chunk_bytes: int, mode: str) -> 
         await _stall(loaded_version)
         raise AssertionError("not reached")
 
-    redis_store.exchange = stalling_exchange  # type: ignore[assignment]
+    # the transaction (load, commit) sends its commands through `redis_tx.exchange`
+    redis_tx.exchange = stalling_exchange  # type: ignore[assignment]
     async with store.transaction(sid) as tx:
         loaded = await tx.load()
         assert loaded is not None

@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from service.store.base import SessionBlobs, StoreUnavailable
-from service.store.redis_store import DamagedSession, RedisStore
+from service.store.redis_store import DamagedSession, RedisOptions, RedisStore
 from tests.store.conftest import CHUNK, REDIS_URL
 from tests.store.test_contract import commit_next, make_blobs, make_meta, record
 from tests.support.redis_cluster import PrivateCluster
@@ -292,7 +292,11 @@ async def test_killed_commit_leaves_the_old_version_whole(
 
 
 async def test_outage_raises_store_unavailable_and_recovers(private_redis: PrivateRedis) -> None:
-    store = RedisStore(private_redis.url, chunk_bytes=CHUNK, socket_connect_timeout=0.5)
+    store = RedisStore(
+        private_redis.url,
+        chunk_bytes=CHUNK,
+        options=RedisOptions(socket_connect_timeout=0.5),
+    )
     await store.open()
     try:
         meta, blobs = make_meta("s1"), make_blobs(MB, MB)
@@ -338,7 +342,11 @@ async def test_outage_inside_a_transaction_is_unavailable_not_a_conflict(
 ) -> None:
     """A commit whose connection dies may or may not have landed: StoreUnavailable (the
     client retries with its Idempotency-Key), never False (recompute, apply twice)."""
-    store = RedisStore(private_redis.url, chunk_bytes=CHUNK, socket_connect_timeout=0.5)
+    store = RedisStore(
+        private_redis.url,
+        chunk_bytes=CHUNK,
+        options=RedisOptions(socket_connect_timeout=0.5),
+    )
     await store.open()
     try:
         await store.create(make_meta("s1"), make_blobs(), ttl=60)
