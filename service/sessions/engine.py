@@ -52,6 +52,7 @@ from service.core.schedules import parse_schedule
 from service.core.state import OptState
 from service.sessions import codecs
 from service.sessions import metrics as m
+from service.sessions.accumulation import accumulation_due, close_expired, waited_reply
 from service.sessions.cache import Cached
 from service.sessions.codecs import Reply
 from service.sessions.engine_base import (
@@ -76,15 +77,8 @@ from service.sessions.requests import MetricsRequest, PreviewRequest
 from service.sessions.rounds import Rounds
 from service.sessions.spec import Spec, encode_schedule_state
 from service.sessions.state_files import StateFiles
-from service.sessions.stepping import (
-    Computed,
-    accumulation_due,
-    close_expired,
-    compute_metrics,
-    compute_step,
-    join_state,
-    waited_reply,
-)
+from service.sessions.stepping import Computed, join_state
+from service.sessions.steps import compute_metrics, compute_step
 from service.store.base import SessionBlobs, SessionMeta
 
 
@@ -250,7 +244,7 @@ class Engine(StateFiles, Rounds):
 
     async def close_accumulation(self, meta: SessionMeta) -> bool:
         """Resolve the sync accumulation of `meta`'s session if its deadline passed
-        (`stepping.close_expired`: flush or drop, as the session says), in a transaction
+        (`accumulation.close_expired`: flush or drop, as the session says), in a transaction
         as a step is; whether one was due. Someone else resolving it first (or pushing
         the last gradient) leaves nothing to commit; so does a transaction that keeps
         conflicting: the session is moving, the next look sees where it went."""

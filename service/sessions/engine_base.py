@@ -21,10 +21,11 @@ import numpy as np
 from service.config import Settings
 from service.core.state import OptState
 from service.sessions import metrics as m
+from service.sessions.accumulation import pending_deadline, pending_of
 from service.sessions.cache import SessionCache
 from service.sessions.errors import SessionNotFound
 from service.sessions.spec import Limits, Spec
-from service.sessions.stepping import Computed, current_lr, pending_deadline, pending_of
+from service.sessions.stepping import Computed, current_lr
 from service.store.base import SessionMeta, StateStore
 
 T = TypeVar("T")

@@ -39,7 +39,15 @@ from service.sessions.errors import Invalid, SessionError, field_error, invalid,
 from service.sessions.parsing import StepInput, validate_model
 from service.sessions.requests import UpdateRequest
 from service.sessions.spec import Spec
-from service.sessions.stepping import Computed, apply_step, current_lr, join_state, split_state
+from service.sessions.stepping import (
+    Computed,
+    Loaded,
+    StepArgs,
+    apply_step,
+    current_lr,
+    join_state,
+    split_state,
+)
 from service.store.base import SessionBlobs, SessionMeta
 
 #: the state entries holding the round's updates: `fed.u.<arrival index>`
@@ -265,28 +273,16 @@ def close_round(
     }
     extra = {**meta.extra, "round": next_record}
     step_input = StepInput(np.negative(combined), loss, "none")
-    done = apply_step(
-        spec,
-        meta,
-        params,
-        opt,
-        own,
-        extra,
-        step_input.grads,
-        loss,
-        step_input,
-        None,
-        count,
-        False,
-        lenient=True,  # a round always closes: a non-finite result is skipped, not refused
-        history_extra={
-            "kind": "round",
-            "round": meta.step,
-            "clients": list(record["clients"]),
-            "num_examples": sum(examples),
-            "metrics": metrics,
-        },
-    )
+    history = {
+        "kind": "round",
+        "round": meta.step,
+        "clients": list(record["clients"]),
+        "num_examples": sum(examples),
+        "metrics": metrics,
+    }
+    close = StepArgs(step_input.grads, loss, step_input, None, count, history_extra=history)
+    close.lenient = True  # a round always closes: a non-finite result is skipped, not refused
+    done = apply_step(Loaded(spec, meta, params, opt, own, extra), close)
     done.outcome = "round"
     return done
 

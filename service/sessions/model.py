@@ -34,7 +34,7 @@ class Pending(BaseModel):
     """A sync session's accumulation on version `base_version`: `count` gradients in,
     their `losses` (None once a push came without one), and `started_at`, the Unix time
     of its first push (None when empty, and in records written before accumulations had
-    deadlines: the session then counts from its `updated_at`, `stepping.pending_of`)."""
+    deadlines: the session then counts from its `updated_at`, `accumulation.pending_of`)."""
 
     model_config = _STRICT
 

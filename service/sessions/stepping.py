@@ -1,4 +1,7 @@
-"""What a step, a pushed gradient or a reported loss does to a loaded session (pure).
+"""Applying one step to a loaded session (pure): `apply_step`, and what it stands on.
+
+The entry points for a push and a reported loss are `steps.compute_step` /
+`compute_metrics`; a sync session's accumulation is `accumulation`.
 
 The engine loads a session inside a store transaction and calls one of these with its
 meta, params and state; they return what to commit (`Computed`: the new meta, the new
@@ -23,18 +26,6 @@ params, and a history entry records step, rate, loss, gradient norm and update n
 `meta.params_version` is the `version` clients see (docs/training.md): bumped by every
 step, applied or skipped, and by nothing else.
 
-**Sync sessions** (`consistency.mode = "sync"`): a push must be computed on the
-current version; it is added to `acc.sum` and counted in `meta.extra["pending"]`; the
-push that makes the count `accumulate` applies the combined gradient as one step (mean
-or sum) with the mean of the pushes' losses (when all sent one). The others answer 202.
-`meta.extra["last"]` keeps the last step's rate and norms for pushes that wait for it.
-The pending record keeps `started_at`, the time of the accumulation's first push; once
-`started_at + timeout` passed, the accumulation is resolved as `on_timeout` says, by the
-next push (`compute_step`: "flush" makes that push the last contributor of a step of
-fewer than `accumulate`; "drop" discards the accumulation as a skipped step, then that
-push, computed on the same params, starts the next one) or by a reader waiting for the
-step (`close_expired`, through the engine).
-
 **Tensors without a gradient** (`skip_missing`): the flat update runs with zeros in
 their segments, after which their segments of the params and of every optimizer state
 array are put back as they were, bit for bit (`_restore_segments`); see the engine's
@@ -53,24 +44,16 @@ import orjson
 
 from service.core import FlatLayout, apply_transforms, find_nonfinite
 from service.core.averaging import update_averages
-from service.core.consistency import (
-    AsyncConsistency,
-    ConsistencyError,
-    accumulation_deadline,
-    accumulation_expired,
-    damped_lr,
-    reduce_grads,
-    staleness,
-    too_stale,
-)
+from service.core.consistency import AsyncConsistency, damped_lr
 from service.core.lr_finder import LRFinderState
 from service.core.lr_finder import observe as observe_range_test
 from service.core.state import OptState
+from service.core.transforms import TransformResult
 from service.sessions import codecs
 from service.sessions.cache import Cached
 from service.sessions.codecs import Reply
-from service.sessions.errors import Invalid, RangeTestOver, StaleGradient, field_error, invalid
-from service.sessions.model import LastStep, Pending, read_last, read_pending
+from service.sessions.errors import Invalid, field_error
+from service.sessions.model import LastStep
 from service.sessions.parsing import StepInput, nonfinite_grads
 from service.sessions.spec import Spec, decode_schedule_state, encode_schedule_state
 from service.store.base import SessionBlobs, SessionMeta
@@ -136,52 +119,6 @@ def range_test_state(meta: SessionMeta) -> LRFinderState:
     return LRFinderState() if data is None else LRFinderState.model_validate(data)
 
 
-def pending_of(meta: SessionMeta) -> Pending:
-    """A sync session's accumulation on its current version: `base_version`, `count`,
-    `losses` (None once a push came without a loss) and `started_at` (Unix time of its
-    first push; None when it is empty).
-
-    A record written before accumulations had deadlines has no `started_at`: it counts
-    from the session's `updated_at` (its last change, no earlier than its last push), so
-    its deadline comes no earlier than it would have; the next push writes that down. An
-    accumulation cannot start after the session's last change: a later `started_at` (a
-    state file's, another replica's clock) reads as `updated_at`, so no record can put
-    its deadline out of reach."""
-    pending = read_pending(meta)
-    if pending is None or pending.base_version != meta.params_version or not pending.count:
-        return Pending.empty(meta.params_version)
-    started, updated = pending.started_at, float(meta.updated_at)
-    return pending.model_copy(
-        update={"started_at": updated if started is None else min(started, updated)}
-    )
-
-
-def pending_deadline(spec: Spec, meta: SessionMeta) -> float | None:
-    """When a sync session's open accumulation is due (Unix time; None when nothing is
-    pending or the session is not sync)."""
-    if spec.sync is None:
-        return None
-    started = pending_of(meta).started_at
-    return None if started is None else accumulation_deadline(spec.sync, float(started))
-
-
-def accumulation_due(spec: Spec, meta: SessionMeta) -> bool:
-    """Whether a sync session's open accumulation passed its deadline, now: the next
-    push or waiting reader resolves it (`close_expired`)."""
-    if spec.sync is None:
-        return False
-    pending = pending_of(meta)
-    return accumulation_expired(spec.sync, pending.count, pending.started_at, time.time())
-
-
-def _mean_loss(losses: list[float | None] | None) -> float | None:
-    """The step's loss from the pushes' (None when one came without; NaN when one was
-    non-finite, which the store keeps as null)."""
-    if not losses:
-        return None
-    return float(np.mean([math.nan if x is None else x for x in losses]))
-
-
 def current_lr(spec: Spec, meta: SessionMeta) -> float:
     """The rate the next step will use (before any staleness damping), as the session
     document, the listing, history entries and exports report it: always a finite
@@ -205,249 +142,244 @@ def current_lr(spec: Spec, meta: SessionMeta) -> float:
 # --- a step ------------------------------------------------------------------------------
 
 
-def compute_step(
-    spec: Spec,
-    meta: SessionMeta,
-    params: np.ndarray,
-    state: OptState,
-    step_input: StepInput,
-    binary: bool,
-) -> Computed:
-    """One pushed gradient on the loaded session: a step, or (sync) an accumulation."""
-    opt, own = split_state(state)
-    version = meta.params_version
-    try:
-        stale = staleness(version, step_input.base_version)
-    except ConsistencyError as exc:
-        raise invalid(["body", "base_version"], str(exc)) from None
-    if spec.lr_finder is not None:
-        finder = range_test_state(meta)
-        if finder.done:
-            raise RangeTestOver(
-                f"the range test is over ({finder.stop_reason}) after {len(finder.lrs)} "
-                "steps; read GET /v1/sessions/{id}/lr-finder for the result; nothing was applied"
-            )
-    grads, loss, contributors = step_input.grads, step_input.loss, 1
-    extra = dict(meta.extra)
+@dataclass(slots=True)
+class Loaded:
+    """A session as a step finds it: its spec, meta and params, the optimizer's state and
+    the session's own entries (`split_state`), and the `extra` the step commits (a copy
+    of `meta.extra` the caller may have changed already: a sync step's pending)."""
+
+    spec: Spec
+    meta: SessionMeta
+    params: np.ndarray
+    opt: OptState
+    own: OptState
+    extra: dict[str, Any]
+
+    @classmethod
+    def of(cls, spec: Spec, meta: SessionMeta, params: np.ndarray, state: OptState) -> Loaded:
+        opt, own = split_state(state)
+        return cls(spec, meta, params, opt, own, dict(meta.extra))
+
+
+@dataclass(slots=True)
+class StepArgs:
+    """What a step applies besides the session: the gradient (a sync step's combined
+    one), its loss, the request (`step_input`: what to return, tensors without a
+    gradient), its staleness, how many gradients it combines, the answer's format, what
+    its history entry gets on top (a federated round: its kind and clients), and
+    `lenient`: a non-finite result is skipped, not refused (a round's close, a deadline's
+    flush: they must go through)."""
+
+    grads: np.ndarray
+    loss: float | None
+    step_input: StepInput
+    stale: int | None = None
+    contributors: int = 1
+    binary: bool = False
     history_extra: dict[str, Any] | None = None
-    sync = spec.sync
-    if sync is not None:
-        assert step_input.base_version is not None  # parse_step insists
-        if stale != 0:
-            raise StaleGradient(
-                f"this sync session is at version {version}; a gradient computed on version "
-                f"{step_input.base_version} is late (pull the params again); nothing was "
-                "accumulated",
-                version,
-                step_input.base_version,
-            )
-        now = time.time()
-        pending = pending_of(meta)
-        due = accumulation_expired(sync, pending.count, pending.started_at, now)
-        dropped: bytes | None = None
-        if due and sync.on_timeout == "drop":
-            # the expired accumulation goes first, as a skipped step that leaves params,
-            # state and rate as they were: this push, computed on those same params,
-            # starts the next accumulation, on the new version
-            meta, dropped = _dropped(spec, meta, own, extra, pending.count, now)
-            extra, version = dict(meta.extra), meta.params_version
-            pending, due = pending_of(meta), False
-        count = pending.count + 1
-        with np.errstate(over="ignore"):
-            total = grads.copy() if count == 1 else np.add(own.arrays[ACC_SUM], grads)
-        if spec.transforms.nonfinite != "skip" and not np.isfinite(total).all():
-            # finite gradients whose sum overflows: refused, or the accumulation could
-            # never complete (its sum stays non-finite)
-            raise nonfinite_grads(*find_nonfinite(total, spec.layout))
-        losses = pending.losses
-        losses = None if losses is None or loss is None else [*losses, loss]
-        if count < sync.accumulate and not due:
-            own.arrays[ACC_SUM] = total
-            started = now if count == 1 else pending.started_at
-            extra["pending"] = Pending(
-                base_version=version, count=count, losses=losses, started_at=started
-            ).model_dump()
-            done = _pending(spec, meta, params, join_state(opt, own), extra, count)
-            done.history = dropped
-            return done
-        if count < sync.accumulate:  # the deadline passed: this push is the last one
-            history_extra = {"flushed": True}
-        grads = reduce_grads(total, count, sync.reduce)
-        loss = _mean_loss(losses)
-        contributors = count
-        own.arrays.pop(ACC_SUM, None)
-        extra["pending"] = Pending.empty(version + 1).model_dump()
-    elif too_stale(spec.consistency, stale):
-        assert step_input.base_version is not None
-        assert stale is not None
-        limit = getattr(spec.consistency, "max_staleness", None)
-        raise StaleGradient(
-            f"the gradient was computed on version {step_input.base_version}, {stale} "
-            f"versions behind the session (version {version}); this session takes at most "
-            f"{limit}; nothing was applied",
-            version,
-            step_input.base_version,
-        )
-    return apply_step(
-        spec,
-        meta,
-        params,
-        opt,
-        own,
-        extra,
-        grads,
-        loss,
-        step_input,
-        stale,
-        contributors,
-        binary,
-        history_extra=history_extra,
-    )
+    lenient: bool = False
 
 
-def apply_step(
-    spec: Spec,
-    meta: SessionMeta,
-    params: np.ndarray,
-    opt: OptState,
-    own: OptState,
-    extra: dict[str, Any],
-    grads: np.ndarray,
-    loss: float | None,
-    step_input: StepInput,
-    stale: int | None,
-    contributors: int,
-    binary: bool,
-    history_extra: dict[str, Any] | None = None,
-    lenient: bool = False,
-) -> Computed:
-    """Apply `grads` as the session's next step (see the module docstring); the
-    history entry gets `history_extra` on top (a federated round: its kind, clients).
+@dataclass(slots=True)
+class _Update:
+    """The optimizer's update of a step: the new params and optimizer state (the old
+    params and None when skipped), whether it is skipped, and whether a range test ends
+    with it (a non-finite loss or result)."""
+
+    params: np.ndarray
+    opt: OptState | None
+    skipped: bool
+    diverged: bool
+
+
+@dataclass(slots=True)
+class _Done:
+    """A step as committed: the new meta, blobs (None: keep them), params and state, and
+    the update (new minus old params, when computed) with its norm."""
+
+    meta: SessionMeta
+    blobs: SessionBlobs | None
+    params: np.ndarray
+    state: OptState
+    delta: np.ndarray | None = None
+    update_norm: float = 0.0
+
+
+def apply_step(s: Loaded, step: StepArgs) -> Computed:
+    """Apply `step.grads` as the session's next step (see the module docstring).
 
     A step whose gradient or result is non-finite is skipped when the session's policy
-    says `skip` (or with `lenient`, which a federated round's close uses: a round must
-    always close), refused (422, nothing changed) otherwise."""
-    t = meta.step
+    says `skip` (or with `step.lenient`), refused (422, nothing changed) otherwise."""
+    spec, meta = s.spec, s.meta
     schedule_state = decode_schedule_state(meta.schedule_state)
     finder = range_test_state(meta) if spec.lr_finder is not None else None
-    lr = spec.lr(t, schedule_state, 0 if finder is None else len(finder.lrs))
+    lr = spec.lr(meta.step, schedule_state, 0 if finder is None else len(finder.lrs))
     if isinstance(spec.consistency, AsyncConsistency):
-        lr = damped_lr(lr, stale, spec.consistency.staleness_damping)
+        lr = damped_lr(lr, step.stale, spec.consistency.staleness_damping)
     now = time.time()
-    result = apply_transforms(spec.transforms, grads, spec.layout)
-    diverged = finder is not None and loss is not None and not math.isfinite(loss)
-    new_params, new_state = params, join_state(opt, own)
-    update_norm = 0.0
-    delta: np.ndarray | None = None  # new minus old params, when the step needs it
-    skipped = diverged or bool(result.nonfinite)
-    if result.nonfinite and not diverged and spec.transforms.nonfinite != "skip" and not lenient:
-        raise nonfinite_grads(result.nonfinite, result.nonfinite_tensors)  # parse_step did
-    if not skipped:
-        with np.errstate(all="ignore"):  # an overflow is refused or skipped just below
-            new_params, new_opt = spec.optimizer.update(
-                spec.hyper_at(t), result.grads, opt, params, lr, spec.layout, inplace=False
-            )
-        if step_input.missing:
-            _restore_segments(spec.layout, step_input.missing, params, opt, new_params, new_opt)
-        problem = nonfinite_result(spec.layout, new_params, new_opt, lr)
-        if problem is not None:
-            # never committed: the session keeps finite params and state (its own export
-            # always imports); a range test takes it as divergence
-            if finder is None and spec.transforms.nonfinite != "skip" and not lenient:
-                raise problem
-            skipped = True
-            diverged = finder is not None
-            new_params = params
-    if skipped:
-        if diverged:  # a non-finite loss or result ends the range test; nothing applied
-            assert finder is not None
-            assert spec.lr_finder is not None
-            ended = observe_range_test(spec.lr_finder, finder, math.inf)
-            extra["lr_finder"] = ended.model_dump()
-        new_meta = meta.evolve(
-            version=meta.version + 1,
-            params_version=meta.params_version + 1,
-            skipped=meta.skipped + 1,
-            extra=extra,
-            updated_at=now,
-        )
-        # params and optimizer state stay; a sync session's accumulator was emptied
-        new_blobs = None
-        if spec.sync is not None:
-            new_blobs = SessionBlobs(params.tobytes(), new_state.to_bytes())
+    result = apply_transforms(spec.transforms, step.grads, spec.layout)
+    update = _update(s, lr, result, finder, step)
+    if update.skipped:
+        done = _skipped(s, update, finder, now)
     else:
-        if spec.schedule is not None and spec.schedule.stateful and loss is not None:
-            assert schedule_state is not None
-            schedule_state = spec.schedule.observe(schedule_state, loss)
-        if finder is not None and spec.lr_finder is not None and loss is not None:
-            extra["lr_finder"] = observe_range_test(spec.lr_finder, finder, loss).model_dump()
-        if spec.averaging:
-            averages = update_averages(
-                spec.ema, spec.swa, _only(own, _AVERAGES, True), new_params, t + 1
-            )
-            own = join_state(_only(own, _AVERAGES, False), averages)
-        new_state = join_state(new_opt, own)
-        if spec.history > 0 or step_input.ret == "updates":  # computed once for both
-            delta = np.subtract(new_params, params)
-            update_norm = _norm(delta)
-        new_meta = meta.evolve(
-            version=meta.version + 1,
-            params_version=meta.params_version + 1,
-            step=meta.step + 1,
-            schedule_state=encode_schedule_state(schedule_state),
-            extra=extra,
-            updated_at=now,
-        )
-        new_blobs = SessionBlobs(new_params.tobytes(), new_state.to_bytes())
+        done = _applied(s, update, schedule_state, finder, step, now)
     grad_norm = result.grad_norm if math.isfinite(result.grad_norm) else None
     if spec.sync is not None:  # what pushes that waited for this step are answered
         last = LastStep(
             lr=float(lr),
             grad_norm=None if grad_norm is None else float(grad_norm),
             clipped=bool(result.clipped),
-            skipped=bool(skipped),
-            contributors=contributors,
+            skipped=update.skipped,
+            contributors=step.contributors,
         )
-        new_meta = new_meta.evolve(extra={**new_meta.extra, "last": last.model_dump()})
+        done.meta = done.meta.evolve(extra={**done.meta.extra, "last": last.model_dump()})
     counters: dict[str, Any] = {
-        "step": new_meta.step,
-        "version": new_meta.params_version,
+        "step": done.meta.step,
+        "version": done.meta.params_version,
         "lr": lr,
-        "skipped": skipped,
+        "skipped": update.skipped,
         "grad_norm": grad_norm,
         "clipped": result.clipped,
-        "staleness": stale,
-        "contributors": contributors,
+        "staleness": step.stale,
+        "contributors": step.contributors,
     }
-    tensors: dict[str, np.ndarray] | None = None
-    if step_input.ret == "params":
-        tensors = spec.layout.unflatten(new_params)
-    elif step_input.ret == "updates":
-        tensors = spec.layout.unflatten(np.subtract(new_params, params) if delta is None else delta)
-    reply = _tensor_reply(counters, step_input.ret, tensors, binary)
-    entry = None
-    if spec.history > 0:
-        more = dict(history_extra or {})
-        entry = _history_entry(
-            str(more.pop("kind", "step")),
-            new_meta,
-            now,
-            lr,
-            loss if loss is None or math.isfinite(loss) else None,
-            grad_norm=grad_norm,
-            update_norm=update_norm,
-            skipped=skipped,
-            staleness=stale,
-            contributors=contributors,
-            **more,
-        )
+    reply = _answer(s, done, counters, step)
+    entry = _entry(spec, done, counters, step, now) if spec.history > 0 else None
+    outcome = "skipped" if update.skipped else "applied"
     return Computed(
-        new_meta,
-        new_blobs,
+        done.meta,
+        done.blobs,
         reply,
-        Cached(new_meta.version, new_params, new_state),
-        "skipped" if skipped else "applied",
+        Cached(done.meta.version, done.params, done.state),
+        outcome,
         entry,
+    )
+
+
+def _update(
+    s: Loaded, lr: float, result: TransformResult, finder: LRFinderState | None, step: StepArgs
+) -> _Update:
+    """Run the optimizer on the transformed gradient, unless the step is skipped: a
+    non-finite loss in a range test, a non-finite gradient or result the session skips
+    (or `step.lenient`); refused (422) when the session does not skip them."""
+    spec = s.spec
+    lenient = step.lenient or spec.transforms.nonfinite == "skip"
+    diverged = finder is not None and step.loss is not None and not math.isfinite(step.loss)
+    if result.nonfinite and not diverged and not lenient:
+        raise nonfinite_grads(result.nonfinite, result.nonfinite_tensors)  # parse_step did
+    if diverged or result.nonfinite:
+        return _Update(s.params, None, True, diverged)
+    with np.errstate(all="ignore"):  # an overflow is refused or skipped just below
+        new_params, new_opt = spec.optimizer.update(
+            spec.hyper_at(s.meta.step),
+            result.grads,
+            s.opt,
+            s.params,
+            lr,
+            spec.layout,
+            inplace=False,
+        )
+    missing = step.step_input.missing
+    if missing:
+        _restore_segments(spec.layout, missing, s.params, s.opt, new_params, new_opt)
+    problem = nonfinite_result(spec.layout, new_params, new_opt, lr)
+    if problem is None:
+        return _Update(new_params, new_opt, False, False)
+    # never committed: the session keeps finite params and state (its own export always
+    # imports); a range test takes it as divergence
+    if finder is None and not lenient:
+        raise problem
+    return _Update(s.params, None, True, finder is not None)
+
+
+def _skipped(s: Loaded, update: _Update, finder: LRFinderState | None, now: float) -> _Done:
+    """A skipped step: the version and `skipped` move on, params and optimizer state stay
+    (a sync session's accumulator was emptied: its blobs are written)."""
+    spec, meta = s.spec, s.meta
+    if update.diverged:  # a non-finite loss or result ends the range test
+        assert finder is not None
+        assert spec.lr_finder is not None
+        s.extra["lr_finder"] = observe_range_test(spec.lr_finder, finder, math.inf).model_dump()
+    new_meta = meta.evolve(
+        version=meta.version + 1,
+        params_version=meta.params_version + 1,
+        skipped=meta.skipped + 1,
+        extra=s.extra,
+        updated_at=now,
+    )
+    state = join_state(s.opt, s.own)
+    blobs = SessionBlobs(s.params.tobytes(), state.to_bytes()) if spec.sync is not None else None
+    return _Done(new_meta, blobs, s.params, state)
+
+
+def _applied(
+    s: Loaded,
+    update: _Update,
+    schedule_state: Any,
+    finder: LRFinderState | None,
+    step: StepArgs,
+    now: float,
+) -> _Done:
+    """An applied step: a loss-driven schedule and the range test take its loss, the
+    averages its params; the update's norm is computed for the history and `updates`."""
+    spec, meta, loss = s.spec, s.meta, step.loss
+    assert update.opt is not None
+    if spec.schedule is not None and spec.schedule.stateful and loss is not None:
+        assert schedule_state is not None
+        schedule_state = spec.schedule.observe(schedule_state, loss)
+    if finder is not None and spec.lr_finder is not None and loss is not None:
+        s.extra["lr_finder"] = observe_range_test(spec.lr_finder, finder, loss).model_dump()
+    own = s.own
+    if spec.averaging:
+        averages = update_averages(
+            spec.ema, spec.swa, _only(own, _AVERAGES, True), update.params, meta.step + 1
+        )
+        own = join_state(_only(own, _AVERAGES, False), averages)
+    state = join_state(update.opt, own)
+    done = _Done(meta, None, update.params, state)
+    if spec.history > 0 or step.step_input.ret == "updates":  # computed once for both
+        done.delta = np.subtract(update.params, s.params)
+        done.update_norm = _norm(done.delta)
+    done.meta = meta.evolve(
+        version=meta.version + 1,
+        params_version=meta.params_version + 1,
+        step=meta.step + 1,
+        schedule_state=encode_schedule_state(schedule_state),
+        extra=s.extra,
+        updated_at=now,
+    )
+    done.blobs = SessionBlobs(update.params.tobytes(), state.to_bytes())
+    return done
+
+
+def _answer(s: Loaded, done: _Done, counters: dict[str, Any], step: StepArgs) -> Reply:
+    """The step's answer: its counters and the new params, the update, or no tensor."""
+    ret = step.step_input.ret
+    tensors: dict[str, np.ndarray] | None = None
+    if ret == "params":
+        tensors = s.spec.layout.unflatten(done.params)
+    elif ret == "updates":
+        delta = np.subtract(done.params, s.params) if done.delta is None else done.delta
+        tensors = s.spec.layout.unflatten(delta)
+    return tensor_reply(counters, ret, tensors, step.binary)
+
+
+def _entry(spec: Spec, done: _Done, counters: dict[str, Any], step: StepArgs, now: float) -> bytes:
+    """The step's history entry, with `step.history_extra` on top (its `kind` too)."""
+    more = dict(step.history_extra or {})
+    loss = step.loss
+    return history_entry(
+        str(more.pop("kind", "step")),
+        done.meta,
+        now,
+        counters["lr"],
+        loss if loss is None or math.isfinite(loss) else None,
+        grad_norm=counters["grad_norm"],
+        update_norm=done.update_norm,
+        skipped=counters["skipped"],
+        staleness=step.stale,
+        contributors=step.contributors,
+        **more,
     )
 
 
@@ -486,134 +418,11 @@ def nonfinite_result(
     return Invalid(msg, [field_error(["body", "grads", n], msg) for n in at])
 
 
-def _pending(
-    spec: Spec,
-    meta: SessionMeta,
-    params: np.ndarray,
-    state: OptState,
-    extra: dict[str, Any],
-    count: int,
-) -> Computed:
-    """A sync push that does not complete the accumulation: commit it, answer 202."""
-    assert spec.sync is not None
-    version = meta.params_version
-    new_meta = meta.evolve(version=meta.version + 1, extra=extra, updated_at=time.time())
-    body = {
-        "status": "pending",
-        "version": version,
-        "wait_for": version + 1,
-        "pending": count,
-        "accumulate": spec.sync.accumulate,
-    }
-    location = f"/v1/sessions/{meta.id}/params?min_version={version + 1}"
-    reply = codecs.json_reply(body, status=202, headers={"Location": location})
-    blobs = SessionBlobs(params.tobytes(), state.to_bytes())
-    return Computed(new_meta, blobs, reply, Cached(new_meta.version, params, state), "pending")
-
-
-def _dropped(
-    spec: Spec,
-    meta: SessionMeta,
-    own: OptState,
-    extra: dict[str, Any],
-    count: int,
-    now: float,
-) -> tuple[SessionMeta, bytes | None]:
-    """Discard an expired sync accumulation of `count` gradients (`on_timeout: "drop"`)
-    as a skipped step: `acc.sum` leaves `own`; `version` and `skipped` go up by one while
-    params, optimizer state, `step` and schedule stay; `last` tells the pushes waiting for
-    the version that their step was skipped. The new meta (its store revision is left to
-    the caller's commit: `meta.version` unchanged) and the history entry, which records
-    `dropped: count` and `contributors: 0`."""
-    own.arrays.pop(ACC_SUM, None)
-    lr = current_lr(spec, meta)
-    version = meta.params_version + 1
-    last = LastStep(lr=lr, grad_norm=None, clipped=False, skipped=True, contributors=0)
-    new_meta = meta.evolve(
-        params_version=version,
-        skipped=meta.skipped + 1,
-        extra={
-            **extra,
-            "pending": Pending.empty(version).model_dump(),
-            "last": last.model_dump(),
-        },
-        updated_at=now,
-    )
-    entry = None
-    if spec.history > 0:
-        entry = _history_entry(
-            "step",
-            new_meta,
-            now,
-            lr,
-            None,
-            grad_norm=None,
-            update_norm=0.0,
-            skipped=True,
-            staleness=None,
-            contributors=0,
-            dropped=count,
-        )
-    return new_meta, entry
-
-
-def close_expired(
-    spec: Spec, meta: SessionMeta, params: np.ndarray, state: OptState
-) -> Computed | None:
-    """Resolve a sync accumulation whose deadline passed, as the session's `on_timeout`
-    says, for a reader that waits for its step (nobody may push again): "flush" applies
-    the combined gradients that arrived as one step (history: `flushed`), leniently (a
-    non-finite result is skipped rather than refused: the accumulation must close);
-    "drop" discards them as a skipped step (`_dropped`). None when there is nothing to
-    resolve: not sync, nothing pending, not due yet, or resolved by someone else."""
-    sync = spec.sync
-    if sync is None:
-        return None
-    now = time.time()
-    pending = pending_of(meta)
-    count = pending.count
-    if not accumulation_expired(sync, count, pending.started_at, now):
-        return None
-    opt, own = split_state(state)
-    extra = dict(meta.extra)
-    if sync.on_timeout == "drop":
-        dropped, entry = _dropped(spec, meta, own, extra, count, now)
-        new_meta = dropped.evolve(version=meta.version + 1)
-        new_state = join_state(opt, own)
-        body = {"step": new_meta.step, "version": new_meta.params_version, "dropped": count}
-        return Computed(
-            new_meta,
-            SessionBlobs(params.tobytes(), new_state.to_bytes()),
-            codecs.json_reply(body),
-            Cached(new_meta.version, params, new_state),
-            "dropped",
-            entry,
-        )
-    total = own.arrays.pop(ACC_SUM)
-    loss = _mean_loss(pending.losses)
-    grads = reduce_grads(total, count, sync.reduce)
-    extra["pending"] = Pending.empty(meta.params_version + 1).model_dump()
-    return apply_step(
-        spec,
-        meta,
-        params,
-        opt,
-        own,
-        extra,
-        grads,
-        loss,
-        StepInput(grads, loss, "none", base_version=meta.params_version),
-        0,
-        count,
-        False,
-        history_extra={"flushed": True},
-        lenient=True,
-    )
-
-
-def _tensor_reply(
+def tensor_reply(
     counters: dict[str, Any], ret: str, tensors: dict[str, np.ndarray] | None, binary: bool
 ) -> Reply:
+    """An answer of counters and tensors: safetensors with the counters as metadata, or
+    JSON with the tensors under `ret`."""
     if binary:
         return codecs.binary_reply(tensors or {}, {**counters, "return": ret})
     body = dict(counters)
@@ -622,68 +431,7 @@ def _tensor_reply(
     return codecs.json_reply(body)
 
 
-def waited_reply(
-    spec: Spec, meta: SessionMeta, params: np.ndarray, ret: str, binary: bool
-) -> Reply:
-    """The answer to a sync push whose step happened while it waited: the counters and
-    params of the version the wait ended on, with that version's step's rate and norms
-    (`skipped` for an accumulation dropped at its deadline)."""
-    last = read_last(meta)
-    contributors = spec.sync.accumulate if spec.sync is not None else 1
-    if last is not None and last.contributors is not None:
-        contributors = last.contributors  # fewer at a deadline, 0 when dropped
-    counters: dict[str, Any] = {
-        "step": meta.step,
-        "version": meta.params_version,
-        "lr": current_lr(spec, meta) if last is None else last.lr,
-        "skipped": last is not None and last.skipped,
-        "grad_norm": None if last is None else last.grad_norm,
-        "clipped": last is not None and last.clipped,
-        "staleness": 0,
-        "contributors": contributors,
-    }
-    tensors = spec.layout.unflatten(params) if ret == "params" else None
-    return _tensor_reply(counters, ret, tensors, binary)
-
-
-# --- a reported loss ---------------------------------------------------------------------
-
-
-def compute_metrics(
-    spec: Spec, meta: SessionMeta, params: np.ndarray, state: OptState, loss: float
-) -> Computed:
-    """A loss reported without a step: a loss-driven schedule takes it; the params and
-    their version stay."""
-    if spec.lr_finder is not None:
-        raise invalid(
-            ["body", "loss"], "a range-test session takes its losses with its steps, not here"
-        )
-    schedule_state = decode_schedule_state(meta.schedule_state)
-    observed = spec.schedule is not None and spec.schedule.stateful
-    if observed:
-        assert spec.schedule is not None
-        assert schedule_state is not None
-        schedule_state = spec.schedule.observe(schedule_state, loss)
-    now = time.time()
-    new_meta = meta.evolve(
-        version=meta.version + 1,
-        schedule_state=encode_schedule_state(schedule_state),
-        updated_at=now,
-    )
-    lr = current_lr(spec, new_meta)
-    body = {"step": meta.step, "version": meta.params_version, "lr": lr, "observed": observed}
-    entry = _history_entry("metrics", new_meta, now, lr, loss) if spec.history > 0 else None
-    return Computed(
-        new_meta,
-        None,
-        codecs.json_reply(body),
-        Cached(new_meta.version, params, state),
-        "metrics",
-        entry,
-    )
-
-
-def _history_entry(
+def history_entry(
     kind: str, meta: SessionMeta, now: float, lr: float, loss: float | None, **more: Any
 ) -> bytes:
     """One history entry (docs/training.md): the counters after it, its time, rate and

@@ -4,7 +4,7 @@
 to `settings.max_commit_retries` times, inside `store.transaction(id)`, `load()` the
 session, passing the revision this replica holds in its cache (`cache.SessionCache`,
 an LRU bounded by count and bytes) so that the blobs are not read again when it is
-current; compute (`stepping.compute_step` / `compute_metrics`: pure, see that module
+current; compute (`steps.compute_step` / `compute_metrics`: pure, see that module
 for what a step does); `commit()` meta, blobs, the idempotency record and the history
 entry at once, if the revision is still the loaded one. On a conflict, load and compute
 again. The cache is refreshed only after a commit succeeded. NumPy work on a large

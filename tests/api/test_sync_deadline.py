@@ -5,8 +5,8 @@ dropped (a skipped step, history `dropped`), by the next push or by a reader wai
 the step, so that a worker that never pushes cannot wedge the session.
 
 Short real timeouts (0.3 s) show the waiting side; a shifted clock (the `clock` fixture
-moves `service.sessions.stepping`'s `time.time()`) shows what happens on either side of a
-60 s deadline without waiting for it.
+moves the `time.time()` of `service.sessions.accumulation` and `stepping`) shows what
+happens on either side of a 60 s deadline without waiting for it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from service.core.consistency import SyncConsistency, parse_consistency
-from service.sessions import stepping
+from service.sessions import accumulation, stepping
 from tests.api.support import BINARY, Api, decode, encode
 
 pytestmark = pytest.mark.asyncio
@@ -39,7 +39,7 @@ _real_time = time.time
 
 
 class Clock:
-    """`time.time()` as `service.sessions.stepping` sees it: the real clock plus `shift`."""
+    """`time.time()` as the sessions layer's steps see it: the real clock plus `shift`."""
 
     def __init__(self) -> None:
         self.shift = 0.0
@@ -51,7 +51,8 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     c = Clock()
-    monkeypatch.setattr(stepping, "time", c)
+    for module in (accumulation, stepping):
+        monkeypatch.setattr(module, "time", c)
     return c
 
 

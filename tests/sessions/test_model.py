@@ -16,8 +16,8 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
+from service.sessions.accumulation import pending_of
 from service.sessions.model import LastStep, Pending, RoundRecord, read_last, read_pending
-from service.sessions.stepping import pending_of
 from service.store.base import SessionMeta
 
 PENDING_TODAY = {"base_version": 3, "count": 2, "losses": [0.5, 0.25], "started_at": 1.8e9}
