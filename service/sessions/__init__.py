@@ -16,7 +16,10 @@ What a session keeps beside params and state (`meta.extra`) is typed in model.py
 `Pending` and `LastStep` are read and written through their models, `RoundRecord`
 checks imported rounds (federation.py still handles the open round as a dict).
 
+A push reads one way: `steps.compute_step` -> `accumulation.accumulate` (sync) ->
+`stepping.apply_step`, inside `transactions.Transactions._transact`.
+
 Still to come (issue 17): typed outcomes instead of encoded replies (`codecs.Reply` is
-built here, inside the commit, for idempotent replays), federation on `RoundRecord`,
-and smaller functions (`apply_step`, `compute_step`).
+built here, inside the commit, for idempotent replays; an `encode` callback from the
+API would keep codecs out), and federation on `RoundRecord`.
 """
