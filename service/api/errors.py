@@ -305,38 +305,3 @@ def _is_binary(scope: Scope) -> bool:
     if value is None:
         return False
     return value.split(b";", 1)[0].strip().lower() == _BINARY.encode()
-
-
-# --- OpenAPI -----------------------------------------------------------------------------
-
-_DESCRIPTIONS = {
-    400: "Malformed body (bad JSON, bad safetensors header)",
-    401: "Authentication is on and no valid `Authorization: Bearer <key>` was sent",
-    404: "No such session, or another tenant's",
-    408: "`min_version` not reached within `timeout` (member `version`); repeat to wait again",
-    409: (
-        "`Idempotency-Key` still in flight, or a version conflict the server could not "
-        "resolve, or a stale gradient (members `version`, `base_version`), or a range test "
-        "that is over"
-    ),
-    406: (
-        "An idempotent replay whose recorded answer cannot be re-encoded in the format "
-        "`Accept` asks for"
-    ),
-    413: "Body over the configured limit",
-    415: "Content-Type is neither application/json nor application/octet-stream",
-    422: "Well-formed but invalid; `errors` names each field",
-    503: "The state store is unreachable (see `Retry-After`)",
-}
-
-
-def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` entries for problem+json answers with these statuses."""
-    schema = {"$ref": "#/components/schemas/Problem"}
-    return {
-        status: {
-            "description": _DESCRIPTIONS.get(status, "Problem"),
-            "content": {PROBLEM_JSON: {"schema": schema}},
-        }
-        for status in statuses
-    }

@@ -3,15 +3,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, Response
 
+from service.api import openapi_examples as ex
 from service.api.auth import EngineDep, Tenant
-from service.api.errors import problems
+from service.api.openapi_route import problems, read_body, success
 from service.api.routes_sessions import SessionId, send, step_call
 from service.api.schemas import RoundResponse, UpdateResponse
-from service.sessions.codecs import BINARY, JSON, wants_binary
+from service.sessions.codecs import wants_binary
+from service.sessions.requests import UpdateRequest
 
 router = APIRouter(prefix="/v1/sessions", tags=["federated"])
 
@@ -24,21 +26,13 @@ RoundNumber = Annotated[int, Path(ge=0, description="the round the update belong
     operation_id="getRound",
     response_model=RoundResponse,
     responses={
-        200: {
-            "description": "The round and the global params (JSON, or safetensors by `Accept`)",
-            "content": {
-                JSON: {"schema": {"$ref": "#/components/schemas/RoundResponse"}},
-                BINARY: {
-                    "schema": {
-                        "type": "string",
-                        "format": "binary",
-                        "description": "The tensors are the global params. `__metadata__` "
-                        "keys: the other fields as strings (`clients` as a JSON list).",
-                    }
-                },
-            },
-        },
-        **problems(401, 404, 409, 503),
+        **success(
+            200,
+            "The round and the global params (JSON, or safetensors by `Accept`)",
+            binary="The tensors are the global params. `__metadata__` keys: the other fields "
+            "as strings (`clients` as a JSON list).",
+        ),
+        **problems(401, 404, 409, 503, named=ex.NOT_FEDERATED_PROBLEMS),
     },
 )
 async def get_round(
@@ -50,32 +44,17 @@ async def get_round(
     return send(await engine.read_round(tenant, session_id, binary))
 
 
-_UPDATE_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            JSON: {"schema": {"$ref": "#/components/schemas/UpdateRequest"}},
-            BINARY: {
-                "schema": {
-                    "type": "string",
-                    "format": "binary",
-                    "description": "The tensors are the delta (or the weights). "
-                    "`__metadata__` keys: `client_id`, `num_examples`, `kind` (`delta` or "
-                    "`weights`), `metrics` (a JSON object as a string).",
-                }
-            },
-        },
-    }
-}
-
-
 @router.post(
     "/{session_id}/rounds/{round}/updates",
     summary="Submit a client's update",
     operation_id="submitUpdate",
     response_model=UpdateResponse,
-    responses=problems(400, 401, 404, 409, 413, 415, 422, 503),
-    openapi_extra=_UPDATE_BODY,
+    responses=problems(400, 401, 404, 409, 413, 415, 422, 503, named=ex.ROUND_PROBLEMS),
+    openapi_extra=read_body(
+        UpdateRequest,
+        "The tensors are the delta (or the weights). `__metadata__` keys: `client_id`, "
+        "`num_examples`, `kind` (`delta` or `weights`), `metrics` (a JSON object as a string).",
+    ),
 )
 async def submit_update(
     session_id: SessionId,

@@ -8,8 +8,10 @@ import anyio
 from fastapi import APIRouter, Response
 
 from service.api import metrics
+from service.api import openapi_examples as ex
 from service.api.auth import EngineDep, SettingsDep
-from service.api.errors import StoreDown, problems
+from service.api.errors import StoreDown
+from service.api.openapi_route import problems, success
 from service.api.schemas import Health
 from service.store.base import StoreUnavailable
 
@@ -20,7 +22,11 @@ STORE_TIMEOUT = 2.0
 
 
 @router.get(
-    "/healthz", response_model=Health, summary="The process is alive", operation_id="healthz"
+    "/healthz",
+    response_model=Health,
+    summary="The process is alive",
+    operation_id="healthz",
+    responses=success(200, "The process is alive", ex.ALIVE),
 )
 async def healthz() -> Health:
     return Health(status="ok")
@@ -31,7 +37,7 @@ async def healthz() -> Health:
     response_model=Health,
     summary="The state store is reachable",
     operation_id="readyz",
-    responses=problems(503),
+    responses={**success(200, "The state store answers", ex.READY), **problems(503)},
 )
 async def readyz(engine: EngineDep, settings: SettingsDep) -> Health:
     try:
@@ -49,7 +55,7 @@ async def readyz(engine: EngineDep, settings: SettingsDep) -> Health:
     response_class=Response,
     responses={
         200: {
-            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "content": {"text/plain": {"schema": {"type": "string"}, "example": ex.METRICS_TEXT}},
             "description": "Prometheus text format",
         }
     },

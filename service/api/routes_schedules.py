@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
 
+from service.api import openapi_examples as ex
 from service.api.auth import EngineDep, Tenant
-from service.api.errors import problems
+from service.api.openapi_route import parsed_body, problems, success
 from service.api.schemas import PreviewResponse
 from service.sessions import views
 from service.sessions.codecs import JSON, is_binary
@@ -29,7 +30,11 @@ router = APIRouter(prefix="/v1/schedules", tags=["schedules"], dependencies=[Dep
     response_model=PreviewResponse,
     summary="Preview a schedule's rates",
     operation_id="previewSchedule",
-    responses=problems(400, 401, 413, 415, 422),
+    responses={
+        **success(200, "The rates (and cycled momenta)", ex.PREVIEWS),
+        **problems(400, 401, 413, 415, 422, named=ex.PREVIEW_PROBLEMS),
+    },
+    openapi_extra=parsed_body(ex.PREVIEW_REQUESTS),
 )
 async def preview(request: PreviewRequest, _: Tenant, engine: EngineDep) -> PreviewResponse:
     """The rate at steps `0 .. steps-1`: exactly what a session with that optimizer `lr`
@@ -51,6 +56,7 @@ async def preview(request: PreviewRequest, _: Tenant, engine: EngineDep) -> Prev
         200: {"description": "a PNG image", "content": {"image/png": {}}},
         **problems(400, 401, 413, 415, 422),
     },
+    openapi_extra=parsed_body(),
 )
 async def preview_png(request: PreviewPlotRequest, _: Tenant, engine: EngineDep) -> Response:
     """The preview's rates (and cycled momentum) against the step as a PNG, with

@@ -10,56 +10,62 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 
+from service.api import openapi_examples as ex
 from service.api.auth import EngineDep, Tenant
-from service.api.errors import problems
+from service.api.openapi_route import (
+    LOCATION,
+    header_parameter,
+    link_to,
+    problems,
+    read_body,
+    success,
+)
 from service.api.responses import FastJSONResponse
-from service.api.schemas import ParamsResponse, SessionDoc, SessionList, StepResponse
+from service.api.schemas import (
+    ParamsResponse,
+    PendingResponse,
+    SessionDoc,
+    SessionList,
+    StepResponse,
+)
 from service.sessions import views
-from service.sessions.codecs import BINARY, JSON, Reply, wants_binary
+from service.sessions.codecs import Reply, wants_binary
 from service.sessions.engine_base import StepCall
+from service.sessions.requests import CreateSession, StepRequest
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
 SessionId = Annotated[
     str, Path(description="the session id returned by create", examples=["Gq3lq0xZ2yZ6n1m1"])
 ]
-IdempotencyKey = Annotated[
-    str | None,
-    Header(
-        alias="Idempotency-Key",
-        description=(
-            "a retry with the same key and body gets the first response again (with "
-            "`Idempotent-Replayed: true`) and is not applied twice; keys are kept "
-            "for the server's idempotency_ttl (24 h by default)"
+#: the `Idempotency-Key` header of the routes that change a session; described in the
+#: document by `IDEMPOTENCY_KEY` (FastAPI would say "a string or null")
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", include_in_schema=False)]
+IDEMPOTENCY_KEY: dict[str, Any] = header_parameter(
+    "Idempotency-Key",
+    "a retry with the same key and body gets the first response again (with "
+    "`Idempotent-Replayed: true`) and is not applied twice; keys are kept "
+    "for the server's idempotency_ttl (24 h by default)",
+    {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 255,
+        # printable ASCII; HTTP strips a header value's outer spaces, so none can count
+        "pattern": "^[!-~]([ -~]*[!-~])?$",
+        "examples": ["b6f1e0c2-step-000042"],
+    },
+)
+_REPLAYED = {
+    "Idempotent-Replayed": {
+        "description": (
+            "`true` when this is the recorded answer to an earlier request with the "
+            "same `Idempotency-Key` (the step was not applied again)"
         ),
-    ),
-]
-
-
-def _binary_body(schema: str, what: str) -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                JSON: {"schema": {"$ref": f"#/components/schemas/{schema}"}},
-                BINARY: {
-                    "schema": {"type": "string", "format": "binary", "description": what},
-                },
-            },
-        }
+        "schema": {"type": "string", "enum": ["true"]},
     }
-
-
-def _tensor_response(schema: str, what: str) -> dict[int | str, dict[str, Any]]:
-    return {
-        200: {
-            "description": "OK",
-            "content": {
-                JSON: {"schema": {"$ref": f"#/components/schemas/{schema}"}},
-                BINARY: {"schema": {"type": "string", "format": "binary", "description": what}},
-            },
-        }
-    }
+}
+_CREATED_ID = "$response.body#/id"
+_SAME_ID = "$request.path.session_id"
 
 
 def send(reply: Reply) -> Response:
@@ -72,14 +78,32 @@ def send(reply: Reply) -> Response:
     response_model=SessionDoc,
     summary="Create a session",
     operation_id="createSession",
-    responses=problems(400, 401, 413, 415, 422, 503),
-    openapi_extra=_binary_body(
-        "CreateSession",
+    responses={
+        **success(
+            201,
+            "Created: the session document",
+            ex.CREATED,
+            headers=LOCATION,
+            links=link_to(
+                "getSession",
+                "getParams",
+                "stepSession",
+                "deleteSession",
+                "exportState",
+                "replaceState",
+                session_id=_CREATED_ID,
+            ),
+        ),
+        **problems(400, 401, 413, 415, 422, 503),
+    },
+    openapi_extra=read_body(
+        CreateSession,
         "The tensors are the initial `params` (any float or integer dtype, cast to `dtype`; "
         "the name `__metadata__` is reserved). `__metadata__` keys: `optimizer` (required; "
         'the optimizer spec as a JSON string, e.g. `{"name": "adam", "lr": 0.001}`), '
         "`schedule` and `transforms` (optional; JSON strings), `dtype` (`float32` or "
         "`float64`) and `nonfinite` (`error` or `skip`).",
+        ex.CREATE_REQUESTS,
     ),
 )
 async def create_session(request: Request, tenant: Tenant, engine: EngineDep) -> Response:
@@ -94,7 +118,10 @@ async def create_session(request: Request, tenant: Tenant, engine: EngineDep) ->
     response_model=SessionList,
     summary="List the tenant's sessions",
     operation_id="listSessions",
-    responses=problems(401, 422, 503),
+    responses={
+        **success(200, "The tenant's sessions, most recently updated first", ex.SESSIONS),
+        **problems(401, 422, 503),
+    },
 )
 async def list_sessions(
     tenant: Tenant,
@@ -112,7 +139,7 @@ async def list_sessions(
     response_model=SessionDoc,
     summary="Read a session",
     operation_id="getSession",
-    responses=problems(401, 404, 503),
+    responses={**success(200, "The session document", ex.SESSION), **problems(401, 404, 503)},
 )
 async def get_session(session_id: SessionId, tenant: Tenant, engine: EngineDep) -> Response:
     """The session document; `lr` is the rate the next step will use."""
@@ -124,7 +151,16 @@ async def get_session(session_id: SessionId, tenant: Tenant, engine: EngineDep) 
     status_code=204,
     summary="Delete a session",
     operation_id="deleteSession",
-    responses=problems(401, 404, 503),
+    responses={
+        **success(
+            204,
+            "Deleted",
+            links=link_to(
+                "getSession", session_id=_SAME_ID, description="a deleted session is gone: 404"
+            ),
+        ),
+        **problems(401, 404, 503),
+    },
 )
 async def delete_session(session_id: SessionId, tenant: Tenant, engine: EngineDep) -> Response:
     await engine.delete(tenant, session_id)
@@ -137,13 +173,15 @@ async def delete_session(session_id: SessionId, tenant: Tenant, engine: EngineDe
     operation_id="getParams",
     response_model=ParamsResponse,
     responses={
-        **_tensor_response(
-            "ParamsResponse",
-            "The tensors are the params, in the session's dtype (F32 or F64). `__metadata__` "
-            "keys: `step`, `version` (integers as strings), and with `average`: `average`, "
-            "`averaged_steps`.",
+        **success(
+            200,
+            "The current params (JSON, or safetensors by `Accept`)",
+            ex.PARAMS,
+            binary="The tensors are the params, in the session's dtype (F32 or F64). "
+            "`__metadata__` keys: `step`, `version` (integers as strings), and with "
+            "`average`: `average`, `averaged_steps`.",
         ),
-        **problems(401, 404, 408, 409, 422, 503),
+        **problems(401, 404, 408, 409, 422, 503, named=ex.AVERAGE_PROBLEMS),
     },
 )
 async def get_params(
@@ -185,28 +223,39 @@ async def get_params(
     operation_id="stepSession",
     response_model=StepResponse,
     responses={
-        202: {
-            "description": "a sync push accumulated; the step is not applied yet (extension)",
-            "content": {JSON: {"schema": {"$ref": "#/components/schemas/PendingResponse"}}},
-        },
-        **_tensor_response(
-            "StepResponse",
-            "The tensors are the new params (`return: params`, the default), the updates "
-            "(`return: updates`, new minus old params) or none (`return: none`), in the "
-            "session's dtype. `__metadata__` keys (strings): `step`, `version`, `lr`, "
+        **success(
+            200,
+            "Applied (or skipped, or replayed): the counters and the lr used, with params or "
+            "updates (JSON, or safetensors by `Accept`)",
+            ex.STEPPED,
+            binary="The tensors are the new params (`return: params`, the default), the "
+            "updates (`return: updates`, new minus old params) or none (`return: none`), in "
+            "the session's dtype. `__metadata__` keys (strings): `step`, `version`, `lr`, "
             "`skipped` and `clipped` (`true` / `false`), `grad_norm` (absent when the "
             "gradient was non-finite), `staleness`, `contributors` and `return`.",
+            headers=_REPLAYED,
+            links=link_to("getSession", "getParams", session_id=_SAME_ID),
+        ),
+        **success(
+            202,
+            "a sync push accumulated; the step is not applied yet (extension)",
+            ex.PENDING,
+            model=PendingResponse,
         ),
         # 406: a replay asked for a format its recorded answer cannot be given in
-        **problems(400, 401, 404, 406, 409, 413, 415, 422, 503),
+        **problems(400, 401, 404, 406, 409, 413, 415, 422, 503, named=ex.STEP_PROBLEMS),
     },
-    openapi_extra=_binary_body(
-        "StepRequest",
-        "The tensors are the `grads`, one per parameter with its registered shape. "
-        "`__metadata__` keys (optional): `loss` (a number written as a string, e.g. "
-        '`"0.73"`), `return` (`params`, `updates` or `none`), `skip_missing`, '
-        "`base_version` and `wait` (extensions).",
-    ),
+    openapi_extra={
+        **read_body(
+            StepRequest,
+            "The tensors are the `grads`, one per parameter with its registered shape. "
+            "`__metadata__` keys (optional): `loss` (a number written as a string, e.g. "
+            '`"0.73"`), `return` (`params`, `updates` or `none`), `skip_missing`, '
+            "`base_version` and `wait` (extensions).",
+            ex.STEP_REQUESTS,
+        ),
+        **IDEMPOTENCY_KEY,
+    },
 )
 async def step(
     session_id: SessionId,

@@ -10,12 +10,11 @@ before the sessions router (service/app.py).
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request, Response
 
+from service.api import openapi_examples as ex
 from service.api.auth import EngineDep, Tenant
-from service.api.errors import problems
+from service.api.openapi_route import LOCATION, link_to, problems, read_body, success
 from service.api.responses import FastJSONResponse
 from service.api.routes_sessions import SessionId, send
 from service.api.schemas import SessionDoc
@@ -24,7 +23,7 @@ from service.sessions.errors import SessionError
 
 router = APIRouter(prefix="/v1/sessions", tags=["state"])
 
-#: what a state file holds (the `SAFETENSORS` layout is prepended by service.api.openapi)
+#: what a state file holds (after the safetensors layout, `openapi_route.SAFETENSORS`)
 STATE_FILE = (
     "A session state file (docs/state.md). Tensors: `params/<name>` (each parameter "
     "tensor, in its shape and the session's dtype), `state/<key>/<name>` (each state "
@@ -35,14 +34,6 @@ STATE_FILE = (
     "`schedule_state` and `extra` (JSON), and `id`, `created_at`, `updated_at`, `lr` "
     "(informational)."
 )
-_STATE_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            BINARY: {"schema": {"type": "string", "format": "binary", "description": STATE_FILE}}
-        },
-    }
-}
 
 
 class MethodNotAllowed(SessionError):
@@ -69,8 +60,19 @@ async def import_other_methods() -> Response:
     response_model=SessionDoc,
     summary="Import a session from a state file",
     operation_id="importSession",
-    responses=problems(400, 401, 413, 415, 422, 503),
-    openapi_extra=_STATE_BODY,
+    responses={
+        **success(
+            201,
+            "Created: the new session's document",
+            ex.IMPORTED,
+            headers=LOCATION,
+            links=link_to(
+                "getSession", "exportState", "deleteSession", session_id="$response.body#/id"
+            ),
+        ),
+        **problems(400, 401, 413, 415, 422, 503, named=ex.IMPORT_PROBLEMS),
+    },
+    openapi_extra=read_body(None, STATE_FILE),
 )
 async def import_session(request: Request, tenant: Tenant, engine: EngineDep) -> Response:
     """A new session (new id) with the file's configuration, params, state and counters;
@@ -86,14 +88,7 @@ async def import_session(request: Request, tenant: Tenant, engine: EngineDep) ->
     operation_id="exportState",
     response_class=Response,
     responses={
-        200: {
-            "description": "The state file",
-            "content": {
-                BINARY: {
-                    "schema": {"type": "string", "format": "binary", "description": STATE_FILE}
-                }
-            },
-        },
+        **success(200, "The state file (safetensors)", binary=STATE_FILE),
         **problems(401, 404, 503),
     },
 )
@@ -110,8 +105,11 @@ async def export_state(session_id: SessionId, tenant: Tenant, engine: EngineDep)
     summary="Replace the session's state",
     operation_id="replaceState",
     response_model=SessionDoc,
-    responses=problems(400, 401, 404, 409, 413, 415, 422, 503),
-    openapi_extra=_STATE_BODY,
+    responses={
+        **success(200, "Replaced: the session document (`version` one up)", ex.REPLACED),
+        **problems(400, 401, 404, 409, 413, 415, 422, 503, named=ex.REPLACE_PROBLEMS),
+    },
+    openapi_extra=read_body(None, STATE_FILE),
 )
 async def replace_state(
     session_id: SessionId, request: Request, tenant: Tenant, engine: EngineDep

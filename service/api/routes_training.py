@@ -7,13 +7,20 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 
+from service.api import openapi_examples as ex
 from service.api.auth import EngineDep, Tenant
-from service.api.errors import problems
+from service.api.openapi_route import problems, read_body, success
 from service.api.responses import FastJSONResponse
-from service.api.routes_sessions import IdempotencyKey, SessionId, send, step_call
+from service.api.routes_sessions import (
+    IDEMPOTENCY_KEY,
+    IdempotencyKey,
+    SessionId,
+    send,
+    step_call,
+)
 from service.api.schemas import HistoryResponse, LRFinderResponse, MetricsResponse
 from service.sessions import views
-from service.sessions.codecs import JSON
+from service.sessions.requests import MetricsRequest
 
 router = APIRouter(prefix="/v1/sessions", tags=["training"])
 
@@ -32,13 +39,11 @@ def _png(data: bytes) -> Response:
     summary="Report a loss without a step",
     operation_id="reportMetrics",
     response_model=MetricsResponse,
-    responses=problems(400, 401, 404, 409, 413, 415, 422, 503),
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {JSON: {"schema": {"$ref": "#/components/schemas/MetricsRequest"}}},
-        }
+    responses={
+        **success(200, "Taken: the counters and the rate the next step will use"),
+        **problems(400, 401, 404, 409, 413, 415, 422, 503),
     },
+    openapi_extra={**read_body(MetricsRequest), **IDEMPOTENCY_KEY},
 )
 async def report_metrics(
     session_id: SessionId,
@@ -58,7 +63,10 @@ async def report_metrics(
     summary="Read the step history",
     operation_id="getHistory",
     response_model=HistoryResponse,
-    responses=problems(401, 404, 422, 503),
+    responses={
+        **success(200, "The newest entries, most recent first"),
+        **problems(401, 404, 422, 503),
+    },
 )
 async def get_history(
     session_id: SessionId,
@@ -76,7 +84,10 @@ async def get_history(
     summary="Read the LR range test",
     operation_id="getLRFinder",
     response_model=LRFinderResponse,
-    responses=problems(401, 404, 409, 503),
+    responses={
+        **success(200, "The range test so far and its suggestions"),
+        **problems(401, 404, 409, 503, named=ex.RANGE_TEST_PROBLEMS),
+    },
 )
 async def get_lr_finder(session_id: SessionId, tenant: Tenant, engine: EngineDep) -> Response:
     """The rates, raw and smoothed losses, stop reason and suggestions of the session's
@@ -89,7 +100,7 @@ async def get_lr_finder(session_id: SessionId, tenant: Tenant, engine: EngineDep
     summary="Plot the LR range test",
     operation_id="getLRFinderPlot",
     response_class=Response,
-    responses={**_PNG_RESPONSE, **problems(401, 404, 409, 503)},
+    responses={**_PNG_RESPONSE, **problems(401, 404, 409, 503, named=ex.RANGE_TEST_PROBLEMS)},
 )
 async def get_lr_finder_png(session_id: SessionId, tenant: Tenant, engine: EngineDep) -> Response:
     """Loss against rate, the smoothed curve over the raw one, the suggestions marked."""

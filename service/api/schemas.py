@@ -28,7 +28,7 @@ class TensorInfo(BaseModel):
     shape: list[int]
 
 
-#: a session document as the server answers create and GET (shared with openapi.py)
+#: a session document as the server answers create and GET (the examples of openapi.yaml)
 SESSION_EXAMPLE: dict[str, Any] = {
     "id": "SBkXXGsj-4ri2ntgCzbuEpG46oOCXFDe",
     "step": 0,

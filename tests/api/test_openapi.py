@@ -12,9 +12,19 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import yaml
+from fastapi.routing import APIRoute
 from jsonschema import Draft202012Validator
 
+from service.api import (
+    routes_federated,
+    routes_health,
+    routes_schedules,
+    routes_sessions,
+    routes_state,
+    routes_training,
+)
 from service.api.openapi import to_yaml
+from service.api.openapi_route import VERBATIM
 from service.app import create_app
 from service.cli import main
 from service.store.memory import MemoryStore
@@ -217,6 +227,50 @@ def test_links_from_a_created_session(doc: dict[str, Any]) -> None:
     assert all(
         link["parameters"] == {"session_id": "$response.body#/id"} for link in links.values()
     )
+
+
+def _api_routes() -> Iterator[APIRoute]:
+    """The routes of the document, as their routers declare them."""
+    for module in (
+        routes_sessions,
+        routes_state,
+        routes_training,
+        routes_federated,
+        routes_schedules,
+        routes_health,
+    ):
+        for route in module.router.routes:
+            if isinstance(route, APIRoute) and route.include_in_schema:
+                yield route
+
+
+def test_the_answers_are_the_routes_response_models(doc: dict[str, Any]) -> None:
+    """A route's `response_model` is the schema of its success answer in the document (and
+    a second success status, the 202 of a step, its `model`)."""
+    checked = 0
+    for route in _api_routes():
+        for method in route.methods:
+            responses = doc["paths"][route.path_format][method.lower()]["responses"]
+            declared = {str(route.status_code or 200): route.response_model}
+            declared |= {str(s): r["model"] for s, r in route.responses.items() if "model" in r}
+            for status, model in declared.items():
+                if model is None:
+                    continue
+                schema = responses[status]["content"][JSON]["schema"]
+                assert schema == {"$ref": f"#/components/schemas/{model.__name__}"}, route.path
+                checked += 1
+    assert checked >= 15
+
+
+def test_declarations_arrive_verbatim(doc: dict[str, Any]) -> None:
+    """What a route declares past FastAPI's encoder (examples and headers) is unpacked,
+    nulls and integers as written."""
+    assert VERBATIM not in json.dumps(doc)
+    step = doc["paths"]["/v1/sessions/{session_id}/step"]["post"]["responses"]
+    assert step["200"]["content"][JSON]["examples"]["none"]["value"]["staleness"] is None
+    assert step["503"]["headers"]["Retry-After"]["schema"]["minimum"] == 1
+    assert isinstance(step["503"]["headers"]["Retry-After"]["schema"]["minimum"], int)
+    assert step["202"]["description"].startswith("a sync push accumulated")
 
 
 # --- examples ----------------------------------------------------------------------------
