@@ -24,11 +24,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from service.core import OPTIMIZERS, CoreError, FlatLayout, HyperparameterError, parse_hyper
 from service.core.schedules import Schedule, parse_schedule
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 
 def _optimizers(_: argparse.Namespace) -> int:
@@ -208,12 +212,8 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _serve(args: argparse.Namespace) -> int:
-    """Run uvicorn on `service.app:app_factory`; workers read the settings from env."""
-    from pydantic import ValidationError
-
-    from service.config import Settings
-
+def _serve_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The settings the `serve` flags give (the ones left out are not overrides)."""
     overrides: dict[str, object] = {}
     for name in ("host", "port", "workers", "redis_url", "log_level"):
         value = getattr(args, name)
@@ -221,35 +221,33 @@ def _serve(args: argparse.Namespace) -> int:
             overrides[name] = value
     if args.allow_unauthenticated:
         overrides["allow_unauthenticated"] = True
-    try:
-        base = Settings()
-        settings = Settings.model_validate({**base.model_dump(), **overrides})
-    except ValidationError as exc:
-        print(f"optserve serve: invalid settings: {exc}", file=sys.stderr)
-        return 2
+    return overrides
+
+
+def _serve_refusal(settings: Settings) -> str | None:
+    """Why `serve` refuses these settings (several workers on the in-process store, or a
+    public address without API keys), or None."""
     if settings.workers > 1 and not settings.redis_url:
-        print(
+        return (
             f"optserve serve: --workers {settings.workers} needs a Redis URL (--redis-url or "
             "OPTSERVE_REDIS_URL): each worker is its own process, and the in-process "
-            "store would give each one its own sessions",
-            file=sys.stderr,
+            "store would give each one its own sessions"
         )
-        return 2
     if (
         not _is_loopback(settings.host)
         and not settings.api_keys
         and not settings.allow_unauthenticated
     ):
-        print(
+        return (
             f"optserve serve: refusing to serve on {settings.host} without API keys: set "
             "OPTSERVE_API_KEYS (a JSON object of key -> tenant), or pass "
-            "--allow-unauthenticated if anyone who can reach this address may use it",
-            file=sys.stderr,
+            "--allow-unauthenticated if anyone who can reach this address may use it"
         )
-        return 2
-    # uvicorn's workers import the app afresh: hand them the settings through the env
-    for name, value in overrides.items():
-        os.environ[f"OPTSERVE_{name.upper()}"] = "true" if value is True else str(value)
+    return None
+
+
+def _run_uvicorn(settings: Settings) -> None:
+    """Say where the state lives, then run uvicorn on `service.app:app_factory`."""
     import uvicorn
 
     from service.app import redact_url
@@ -277,12 +275,33 @@ def _serve(args: argparse.Namespace) -> int:
         log_config=log_config(settings.log_level, settings.log_format),
         proxy_headers=False,
     )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Run uvicorn on `service.app:app_factory`; workers read the settings from env."""
+    from pydantic import ValidationError
+
+    from service.config import Settings
+
+    overrides = _serve_overrides(args)
+    try:
+        base = Settings()
+        settings = Settings.model_validate({**base.model_dump(), **overrides})
+    except ValidationError as exc:
+        print(f"optserve serve: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    refusal = _serve_refusal(settings)
+    if refusal is not None:
+        print(refusal, file=sys.stderr)
+        return 2
+    # uvicorn's workers import the app afresh: hand them the settings through the env
+    for name, value in overrides.items():
+        os.environ[f"OPTSERVE_{name.upper()}"] = "true" if value is True else str(value)
+    _run_uvicorn(settings)
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="optserve", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = sub.add_parser(
         "serve",
         help="run the HTTP server",
@@ -321,9 +340,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="log level (default info)",
     )
     serve.set_defaults(func=_serve)
-    sub.add_parser("optimizers", help="list optimizers and their defaults").set_defaults(
-        func=_optimizers
-    )
+
+
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = sub.add_parser("demo", help="train a small regression with the core")
     demo.add_argument("--optimizer", default="adam", choices=sorted(OPTIMIZERS))
     demo.add_argument("--hyper", default='{"lr": 0.05}', help="hyperparameters as JSON")
@@ -331,6 +350,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+
+
+def _add_schedule(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     schedule = sub.add_parser("schedule", help="preview or plot a learning-rate schedule")
     actions = schedule.add_subparsers(dest="action", required=True)
     for action, func, help_text in (
@@ -349,12 +371,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             p.add_argument("-o", "--output", required=True, help="PNG file to write")
             p.add_argument("--current-step", type=int, default=None, help="step to mark")
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The `optserve` argument parser and its subcommands."""
+    parser = argparse.ArgumentParser(prog="optserve", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    sub.add_parser("optimizers", help="list optimizers and their defaults").set_defaults(
+        func=_optimizers
+    )
+    _add_demo(sub)
+    _add_schedule(sub)
     spec = sub.add_parser("openapi", help="print or write the OpenAPI document (YAML)")
     spec.add_argument(
         "-o", "--output", default="-", help="file to write (default: standard output)"
     )
     spec.set_defaults(func=_openapi)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     return int(args.func(args))
 
 

@@ -31,6 +31,7 @@ from service.core.lr_finder import LRFinderConfig, LRFinderState, Suggestion
 from service.core.schedules.base import Schedule
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 #: inches and dots per inch of every plot (800 x 500 pixels)
@@ -172,6 +173,55 @@ def lr_finder_png(
     return _png(fig)
 
 
+def _schedule_rates(
+    schedule: Schedule | None,
+    base_lr: float,
+    steps: int,
+    current_step: int | None,
+    rates: np.ndarray | None,
+) -> np.ndarray:
+    """The rates `schedule_png` draws, after checking its arguments (CoreError)."""
+    if steps < 1:
+        raise CoreError(f"steps must be >= 1: got {steps}")
+    if current_step is not None and not 0 <= current_step < steps:
+        raise CoreError(f"current_step must be in [0, {steps}): got {current_step}")
+    if rates is None:
+        return np.full(steps, base_lr) if schedule is None else schedule.lrs(steps, base_lr)
+    if len(rates) != steps:
+        raise CoreError(f"rates must hold {steps} values: got {len(rates)}")
+    return rates
+
+
+def _mark_step(ax: Axes, current_step: int, rate: float, drawn: float) -> None:
+    """A dashed vertical line at `current_step` and a marker at its (drawn) rate."""
+    shown = f"{rate:.4g}" if math.isfinite(rate) else "not finite"
+    ax.axvline(current_step, color="tab:red", linestyle="--", linewidth=1.0)
+    ax.scatter(
+        [current_step],
+        [drawn],
+        s=60,
+        color="tab:red",
+        zorder=3,
+        label=f"step {current_step}: lr {shown}",
+    )
+
+
+def _momentum_axis(ax: Axes, t: np.ndarray, momenta: np.ndarray, marker: str | None) -> Axes:
+    """The momentum curve on a second y axis of `ax`, returned."""
+    ax2 = ax.twinx()
+    ax2.plot(
+        t,
+        _finite(momenta),
+        color="tab:orange",
+        linestyle="--",
+        marker=marker,
+        drawstyle="steps-post",
+        label="momentum",
+    )
+    ax2.set_ylabel("momentum / beta1")
+    return ax2
+
+
 def schedule_png(
     schedule: Schedule | None,
     base_lr: float,
@@ -187,14 +237,7 @@ def schedule_png(
     `rates` replaces the schedule's own (a session's rates that depend on reported
     losses, or a range test's ramp; NaN where unknown); `schedule=None` is a constant
     `base_lr`."""
-    if steps < 1:
-        raise CoreError(f"steps must be >= 1: got {steps}")
-    if current_step is not None and not 0 <= current_step < steps:
-        raise CoreError(f"current_step must be in [0, {steps}): got {current_step}")
-    if rates is None:
-        rates = np.full(steps, base_lr) if schedule is None else schedule.lrs(steps, base_lr)
-    elif len(rates) != steps:
-        raise CoreError(f"rates must hold {steps} values: got {len(rates)}")
+    rates = _schedule_rates(schedule, base_lr, steps, current_step, rates)
     momenta = None if schedule is None else schedule.momenta(steps)
     values = _finite(rates)
     unit, note = _unit(values)
@@ -211,31 +254,10 @@ def schedule_png(
     ax.set_ylabel(f"learning rate{note}")
     ax.grid(True, alpha=0.3)
     if current_step is not None:
-        value = float(rates[current_step])
-        shown = f"{value:.4g}" if math.isfinite(value) else "not finite"
-        ax.axvline(current_step, color="tab:red", linestyle="--", linewidth=1.0)
-        ax.scatter(
-            [current_step],
-            [drawn[current_step]],
-            s=60,
-            color="tab:red",
-            zorder=3,
-            label=f"step {current_step}: lr {shown}",
-        )
+        _mark_step(ax, current_step, float(rates[current_step]), drawn[current_step])
     handles, labels = ax.get_legend_handles_labels()
     if momenta is not None:
-        ax2 = ax.twinx()
-        ax2.plot(
-            t,
-            _finite(momenta),
-            color="tab:orange",
-            linestyle="--",
-            marker=marker,
-            drawstyle="steps-post",
-            label="momentum",
-        )
-        ax2.set_ylabel("momentum / beta1")
-        h2, l2 = ax2.get_legend_handles_labels()
+        h2, l2 = _momentum_axis(ax, t, momenta, marker).get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
     ax.legend(handles, labels, loc="best", fontsize=9)
     name = "constant" if schedule is None else schedule.name

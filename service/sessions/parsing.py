@@ -28,7 +28,7 @@ from service.core.consistency import parse_consistency
 from service.core.errors import LayoutError, SpecError
 from service.core.federated import get_server_optimizer, parse_federated, parse_server_hyper
 from service.core.lr_finder import parse_lr_finder_config
-from service.core.optim import get_optimizer, parse_hyper
+from service.core.optim import Hyper, get_optimizer, parse_hyper
 from service.core.schedules import Schedule, check_rates, parse_schedule
 from service.core.schedules.momentum import supports_momentum
 from service.sessions import codecs
@@ -92,51 +92,12 @@ def parse_create(body: bytes, binary: bool, limits: Limits) -> tuple[Spec, np.nd
 
 def build_spec(request: CreateSession, tensors: Mapping[str, np.ndarray], limits: Limits) -> Spec:
     """The spec of a creation request and its tensors (422 on anything invalid)."""
-    if not tensors:
-        raise invalid(["body", "params"], "must name at least one tensor")
-    if len(tensors) > limits.max_tensors:
-        raise invalid(
-            ["body", "params"],
-            f"{len(tensors)} tensors, over this server's limit of {limits.max_tensors}",
-        )
-    if "__metadata__" in tensors:
-        raise invalid(["body", "params", "__metadata__"], "this tensor name is reserved")
+    _check_tensors(tensors, limits)
     federated = _feature(parse_federated, request.federated, "federated")
-    try:
-        hp = (parse_hyper if federated is None else parse_server_hyper)(request.optimizer)
-    except SpecError as exc:
-        raise spec_error(exc, ["body", "optimizer"]) from None
-    schedule = None
-    if request.schedule is not None:
-        try:
-            schedule = parse_schedule(request.schedule)
-            check_rates(schedule, hp.lr)
-        except SpecError as exc:
-            raise spec_error(exc, ["body", "schedule"]) from None
-        if schedule.momentum(0) is not None and not supports_momentum(hp):
-            raise invalid(
-                ["body", "schedule", "cycle_momentum"],
-                f"optimizer {hp.name!r} has neither momentum nor betas to cycle; "
-                "set cycle_momentum to false",
-            )
-    transforms = request.transforms or GradientTransforms()
-    if request.nonfinite is not None:
-        given = request.transforms is not None and "nonfinite" in transforms.model_fields_set
-        if given and transforms.nonfinite != request.nonfinite:
-            raise invalid(
-                ["body", "nonfinite"],
-                f"contradicts transforms.nonfinite ({transforms.nonfinite!r})",
-            )
-        transforms = transforms.model_copy(update={"nonfinite": request.nonfinite})
-    try:
-        layout = FlatLayout.from_shapes((n, a.shape) for n, a in tensors.items())
-    except LayoutError as exc:
-        raise layout_error(exc, ["body", "params"]) from None
-    if layout.total > limits.max_params:
-        raise invalid(
-            ["body", "params"],
-            f"{layout.total} parameters in all, over this server's limit of {limits.max_params}",
-        )
+    hp = _hyper(request.optimizer, federated is not None)
+    schedule = _schedule(request.schedule, hp)
+    transforms = _transforms(request)
+    layout = _layout(tensors, limits)
     history = DEFAULT_HISTORY if request.history is None else request.history
     if not 0 <= history <= limits.max_history:
         raise invalid(["body", "history"], f"must be in [0, {limits.max_history}]: got {history}")
@@ -165,6 +126,75 @@ def build_spec(request: CreateSession, tensors: Mapping[str, np.ndarray], limits
         history=history,
         federated=federated,
     )
+
+
+def _check_tensors(tensors: Mapping[str, np.ndarray], limits: Limits) -> None:
+    """At least one tensor, at most `limits.max_tensors`, none named `__metadata__`."""
+    if not tensors:
+        raise invalid(["body", "params"], "must name at least one tensor")
+    if len(tensors) > limits.max_tensors:
+        raise invalid(
+            ["body", "params"],
+            f"{len(tensors)} tensors, over this server's limit of {limits.max_tensors}",
+        )
+    if "__metadata__" in tensors:
+        raise invalid(["body", "params", "__metadata__"], "this tensor name is reserved")
+
+
+def _hyper(data: Mapping[str, Any], federated: bool) -> Hyper:
+    """The optimizer's hyperparameters (a server optimizer's in a federated session)."""
+    try:
+        return (parse_server_hyper if federated else parse_hyper)(data)
+    except SpecError as exc:
+        raise spec_error(exc, ["body", "optimizer"]) from None
+
+
+def _schedule(data: Mapping[str, Any] | None, hp: Hyper) -> Schedule | None:
+    """The schedule, if any: valid, with finite rates on `hp.lr`, and cycling momentum
+    only when the optimizer has momentum or betas."""
+    if data is None:
+        return None
+    try:
+        schedule = parse_schedule(data)
+        check_rates(schedule, hp.lr)
+    except SpecError as exc:
+        raise spec_error(exc, ["body", "schedule"]) from None
+    if schedule.momentum(0) is not None and not supports_momentum(hp):
+        raise invalid(
+            ["body", "schedule", "cycle_momentum"],
+            f"optimizer {hp.name!r} has neither momentum nor betas to cycle; "
+            "set cycle_momentum to false",
+        )
+    return schedule
+
+
+def _transforms(request: CreateSession) -> GradientTransforms:
+    """The gradient transforms, with the top-level `nonfinite` shorthand folded in (422
+    when it contradicts `transforms.nonfinite`)."""
+    transforms = request.transforms or GradientTransforms()
+    if request.nonfinite is None:
+        return transforms
+    given = request.transforms is not None and "nonfinite" in transforms.model_fields_set
+    if given and transforms.nonfinite != request.nonfinite:
+        raise invalid(
+            ["body", "nonfinite"],
+            f"contradicts transforms.nonfinite ({transforms.nonfinite!r})",
+        )
+    return transforms.model_copy(update={"nonfinite": request.nonfinite})
+
+
+def _layout(tensors: Mapping[str, np.ndarray], limits: Limits) -> FlatLayout:
+    """The flat layout of the tensors, within `limits.max_params`."""
+    try:
+        layout = FlatLayout.from_shapes((n, a.shape) for n, a in tensors.items())
+    except LayoutError as exc:
+        raise layout_error(exc, ["body", "params"]) from None
+    if layout.total > limits.max_params:
+        raise invalid(
+            ["body", "params"],
+            f"{layout.total} parameters in all, over this server's limit of {limits.max_params}",
+        )
+    return layout
 
 
 #: the most schedule evaluations one preview (or schedule plot) may ask for: its steps

@@ -12,6 +12,7 @@ any input, junk included.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from service.core.errors import ScheduleError
@@ -45,12 +46,22 @@ def _loc(link: _Link) -> Loc:
     return tuple(loc)
 
 
-def check_limits(data: object) -> None:
-    """Refuse a raw schedule spec over the caps, with a ScheduleError naming each limit
-    passed and where: the first `sequential` nested too deep (`loc` its place, e.g.
-    `("schedulers", 0, "schedulers", 1, ...)`), too many schedules (`("schedulers",)`),
-    or a list too long (`loc` the field). Anything else about the data (its types,
-    names, values) is left to validation."""
+@dataclass(frozen=True, slots=True)
+class _Walk:
+    """What the walk of a spec found: the deepest `sequential` nesting, the place of the
+    first one nested too deep (if any), the schedules visited, whether the budget ran
+    out, and the over-long lists (at most `_MAX_LIST_ERRORS`)."""
+
+    deepest: int
+    found_too_deep: bool
+    too_deep: _Link
+    nodes: int
+    truncated: bool
+    list_errors: list[dict[str, object]]
+
+
+def _walk(data: object) -> _Walk:
+    """Visit the schedule specs of `data` iteratively, within `_WALK_BUDGET` visits."""
     deepest = 0
     too_deep: _Link = None
     found_too_deep = False
@@ -87,26 +98,39 @@ def check_limits(data: object) -> None:
         if isinstance(children, list) and len(children) <= MAX_SCHEDULE_LIST:
             for i in range(len(children) - 1, -1, -1):
                 stack.append((children[i], (link, i), depth))
+    return _Walk(deepest, found_too_deep, too_deep, nodes, truncated, list_errors)
 
+
+def _errors(walk: _Walk, top_is_mapping: bool) -> list[dict[str, object]]:
+    """The errors of a walk: nesting too deep, then too many schedules, then the lists."""
     errors: list[dict[str, object]] = []
-    at_least = "at least " if truncated else ""
-    if found_too_deep:
+    at_least = "at least " if walk.truncated else ""
+    if walk.found_too_deep:
         errors.append(
             {
-                "loc": _loc(too_deep),
-                "msg": f"schedule nesting depth {at_least}{deepest} is over the limit of "
+                "loc": _loc(walk.too_deep),
+                "msg": f"schedule nesting depth {at_least}{walk.deepest} is over the limit of "
                 f"{MAX_SCHEDULE_DEPTH} (sequential schedules one inside the other)",
             }
         )
-    if nodes > MAX_SCHEDULE_NODES:
-        counted = f"more than {_WALK_BUDGET}" if truncated else str(nodes)
+    if walk.nodes > MAX_SCHEDULE_NODES:
+        counted = f"more than {_WALK_BUDGET}" if walk.truncated else str(walk.nodes)
         errors.append(
             {
-                "loc": ("schedulers",) if isinstance(data, Mapping) else (),
+                "loc": ("schedulers",) if top_is_mapping else (),
                 "msg": f"the spec holds {counted} schedules (nested ones included), over "
                 f"the limit of {MAX_SCHEDULE_NODES}",
             }
         )
-    errors += list_errors
+    return errors + walk.list_errors
+
+
+def check_limits(data: object) -> None:
+    """Refuse a raw schedule spec over the caps, with a ScheduleError naming each limit
+    passed and where: the first `sequential` nested too deep (`loc` its place, e.g.
+    `("schedulers", 0, "schedulers", 1, ...)`), too many schedules (`("schedulers",)`),
+    or a list too long (`loc` the field). Anything else about the data (its types,
+    names, values) is left to validation."""
+    errors = _errors(_walk(data), isinstance(data, Mapping))
     if errors:
         raise ScheduleError(errors)
