@@ -20,29 +20,9 @@ import pytest
 
 from tests.hostile.support import PARAMS, SGD, assert_no_new_session, listing_head, refused
 from tests.support.live_server import LiveServer
+from tests.support.schedule_specs import flat, nested
 
 ENDPOINTS = ["create", "preview", "preview.png"]
-
-
-def nested(depth: int) -> dict[str, Any]:
-    """`depth` sequential schedules one inside the other (2 * depth + 1 schedules)."""
-    spec: dict[str, Any] = {"name": "cosine", "T_max": 10}
-    for _ in range(depth):
-        spec = {
-            "name": "sequential",
-            "schedulers": [spec, {"name": "exponential", "gamma": 0.9}],
-            "milestones": [2],
-        }
-    return spec
-
-
-def flat(nodes: int) -> dict[str, Any]:
-    """One sequential schedule of `nodes - 1` decays."""
-    return {
-        "name": "sequential",
-        "schedulers": [{"name": "exponential", "gamma": 0.9}] * (nodes - 1),
-        "milestones": list(range(1, nodes - 1)),
-    }
 
 
 def tree(fanout: int, depth: int) -> dict[str, Any]:
