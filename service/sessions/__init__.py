@@ -13,8 +13,8 @@ models of requests.py. Nothing here imports FastAPI, Starlette or `service.api`
 (tests/test_import_rules.py).
 
 What a session keeps beside params and state (`meta.extra`) is typed in model.py:
-`Pending` and `LastStep` are read and written through their models, `RoundRecord`
-checks imported rounds (federation.py still handles the open round as a dict).
+`Pending`, `LastStep` and `RoundRecord` are read and written through their models
+(and state files are checked with them).
 
 A push reads one way: `steps.compute_step` -> `accumulation.accumulate` (sync) ->
 `stepping.apply_step`, inside `transactions.Transactions._transact`.

@@ -36,6 +36,7 @@ from service.core.state import OptState
 from service.sessions import codecs
 from service.sessions.cache import Cached
 from service.sessions.errors import Invalid, SessionError, field_error, invalid, layout_error
+from service.sessions.model import RoundRecord
 from service.sessions.parsing import StepInput, validate_model
 from service.sessions.requests import UpdateRequest
 from service.sessions.spec import Spec
@@ -150,33 +151,39 @@ def parse_update(spec: Spec, body: bytes, binary: bool) -> Update:
 # --- the round -----------------------------------------------------------------------------
 
 
-def round_state(spec: Spec, meta: SessionMeta) -> dict[str, Any]:
+def round_state(spec: Spec, meta: SessionMeta) -> RoundRecord:
     """The open round's record (a fresh one if none was written yet)."""
     assert spec.federated is not None
-    record = meta.extra.get("round")
-    if record is None or record.get("round") != meta.step:
-        opened = meta.updated_at or meta.created_at or time.time()
-        return {
-            "round": meta.step,
-            "opened_at": opened,
-            "deadline": opened + spec.federated.round_timeout,
-            "clients": [],
-            "num_examples": [],
-            "metrics": [],
-        }
-    return dict(record)
+    data = meta.extra.get("round")
+    record = None if data is None else RoundRecord.model_validate(data)
+    if record is None or record.round != meta.step:
+        opened = float(meta.updated_at or meta.created_at or time.time())
+        return _fresh(meta.step, opened, spec.federated.round_timeout)
+    return record
 
 
-def closable(spec: Spec, record: dict[str, Any], now: float) -> bool:
+def _fresh(number: int, opened: float, timeout: float) -> RoundRecord:
+    """Round `number`, opened at `opened`, nobody in yet."""
+    return RoundRecord(
+        round=number,
+        opened_at=opened,
+        deadline=opened + timeout,
+        clients=[],
+        num_examples=[],
+        metrics=[],
+    )
+
+
+def closable(spec: Spec, record: RoundRecord, now: float) -> bool:
     """Whether the round holds enough updates to close now."""
     assert spec.federated is not None
     config = spec.federated
-    received = len(record["clients"])
+    received = len(record.clients)
     if received < config.min_clients:
         return False
     if config.expected_clients is not None and received >= config.expected_clients:
         return True
-    return now >= float(record["deadline"])
+    return now >= record.deadline
 
 
 def compute_update(
@@ -195,21 +202,22 @@ def compute_update(
             f"round {round_number} {when}; the current round is {meta.step}", meta.step
         )
     record = round_state(spec, meta)
-    if update.client_id in record["clients"]:
+    if update.client_id in record.clients:
         raise resubmitted(update.client_id, round_number)
     delta = update.tensors if update.kind == "delta" else np.subtract(update.tensors, params)
     opt, own = split_state(state)
-    own.arrays[f"{UPDATE_PREFIX}{len(record['clients'])}"] = delta
-    record = {
-        **record,
-        "clients": [*record["clients"], update.client_id],
-        "num_examples": [*record["num_examples"], update.num_examples],
-        "metrics": [*record["metrics"], update.metrics],
-    }
+    own.arrays[f"{UPDATE_PREFIX}{len(record.clients)}"] = delta
+    record = record.model_copy(
+        update={
+            "clients": [*record.clients, update.client_id],
+            "num_examples": [*record.num_examples, update.num_examples],
+            "metrics": [*record.metrics, update.metrics],
+        }
+    )
     answer: dict[str, Any] = {
         "round": round_number,
         "accepted": True,
-        "received": len(record["clients"]),
+        "received": len(record.clients),
         "closed": False,
     }
     if closable(spec, record, now):
@@ -219,7 +227,9 @@ def compute_update(
         return done
     new_state = join_state(opt, own)
     new_meta = meta.evolve(
-        version=meta.version + 1, extra={**meta.extra, "round": record}, updated_at=now
+        version=meta.version + 1,
+        extra={**meta.extra, "round": record.model_dump()},
+        updated_at=now,
     )
     return Computed(
         new_meta,
@@ -249,34 +259,27 @@ def close_round(
     params: np.ndarray,
     opt: OptState,
     own: OptState,
-    record: dict[str, Any],
+    record: RoundRecord,
     now: float,
 ) -> Computed:
     """Aggregate the round's updates and apply the server optimizer (one step)."""
     assert spec.federated is not None
-    count = len(record["clients"])
+    count = len(record.clients)
     keys = [f"{UPDATE_PREFIX}{i}" for i in range(count)]
     deltas = [own.arrays[k] for k in keys]
-    examples = [int(n) for n in record["num_examples"]]
+    examples = list(record.num_examples)
     combined = aggregate(spec.federated.aggregator, deltas, examples)
     for key in keys:
         own.arrays.pop(key)
-    metrics = _mean_metrics(record["metrics"], examples)
-    loss = metrics.get("loss") if all("loss" in m for m in record["metrics"]) else None
-    next_record = {
-        "round": meta.step + 1,
-        "opened_at": now,
-        "deadline": now + spec.federated.round_timeout,
-        "clients": [],
-        "num_examples": [],
-        "metrics": [],
-    }
-    extra = {**meta.extra, "round": next_record}
+    metrics = _mean_metrics(record.metrics, examples)
+    loss = metrics.get("loss") if all("loss" in m for m in record.metrics) else None
+    next_record = _fresh(meta.step + 1, now, spec.federated.round_timeout)
+    extra = {**meta.extra, "round": next_record.model_dump()}
     step_input = StepInput(np.negative(combined), loss, "none")
     history = {
         "kind": "round",
         "round": meta.step,
-        "clients": list(record["clients"]),
+        "clients": list(record.clients),
         "num_examples": sum(examples),
         "metrics": metrics,
     }
@@ -304,12 +307,12 @@ def round_answer(spec: Spec, meta: SessionMeta, params: np.ndarray, binary: bool
     record = round_state(spec, meta)
     info: dict[str, Any] = {
         "round": meta.step,
-        "deadline": record["deadline"],
-        "opened_at": record["opened_at"],
-        "received": len(record["clients"]),
+        "deadline": record.deadline,
+        "opened_at": record.opened_at,
+        "received": len(record.clients),
         "min_clients": spec.federated.min_clients,
         "expected_clients": spec.federated.expected_clients,
-        "clients": list(record["clients"]),
+        "clients": list(record.clients),
         "step": meta.step,
         "version": meta.params_version,
         "lr": current_lr(spec, meta),

@@ -17,7 +17,10 @@ import pytest
 from pydantic import ValidationError
 
 from service.sessions.accumulation import pending_of
+from service.sessions.federation import round_state
 from service.sessions.model import LastStep, Pending, RoundRecord, read_last, read_pending
+from service.sessions.parsing import parse_create
+from service.sessions.spec import Limits
 from service.store.base import SessionMeta
 
 PENDING_TODAY = {"base_version": 3, "count": 2, "losses": [0.5, 0.25], "started_at": 1.8e9}
@@ -104,3 +107,39 @@ def test_nothing_stored_reads_as_none() -> None:
 def test_a_malformed_record_is_refused(model: Any, record: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         model.model_validate(record)
+
+
+ROUND_TODAY = {
+    "round": 3,
+    "opened_at": 1.8e9,
+    "deadline": 1.8e9 + 30,
+    "clients": ["c0", "c1"],
+    "num_examples": [10, 20],
+    "metrics": [{"loss": 0.5}, {}],
+}
+
+
+def test_a_round_record_round_trips_byte_for_byte() -> None:
+    assert orjson.dumps(RoundRecord.model_validate(ROUND_TODAY).model_dump()) == orjson.dumps(
+        ROUND_TODAY
+    )
+
+
+def test_the_open_round_is_read_through_its_model() -> None:
+    """`round_state` reads a stored round as a RoundRecord (and opens round `step` when
+    the stored one is of an earlier round)."""
+    body = orjson.dumps(
+        {
+            "optimizer": {"name": "fedavg"},
+            "params": {"w": [1.0, 2.0]},
+            "federated": {"min_clients": 2, "round_timeout": 30},
+        }
+    )
+    spec, _ = parse_create(body, False, Limits())
+    stored = meta(round=ROUND_TODAY)  # at step 3: round 3 is open
+    record = round_state(spec, stored)
+    assert record == RoundRecord.model_validate(ROUND_TODAY)
+    stored = stored.evolve(step=4)  # round 3 closed; round 4 not written yet
+    fresh = round_state(spec, stored)
+    assert (fresh.round, fresh.clients, fresh.opened_at) == (4, [], stored.updated_at)
+    assert fresh.deadline == stored.updated_at + 30
