@@ -21,5 +21,5 @@ A push reads one way: `steps.compute_step` -> `accumulation.accumulate` (sync) -
 
 Still to come (issue 17): typed outcomes instead of encoded replies (`codecs.Reply` is
 built here, inside the commit, for idempotent replays; an `encode` callback from the
-API would keep codecs out), and federation on `RoundRecord`.
+API would keep codecs out).
 """
