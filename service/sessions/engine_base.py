@@ -126,8 +126,9 @@ class EngineBase:
         return await self.load_spec(await self.owned_meta(tenant, session_id))
 
     async def load_spec(self, meta: SessionMeta) -> Spec:
-        """`spec_of(meta)`, parsed in a worker thread when this replica has not parsed it
-        yet and its layout is large (10,000 tensors take about 15 ms to parse)."""
+        """The parsed spec of `meta`'s session: from memory when this replica parsed it
+        before (a session's spec never changes), else parsed, in a worker thread when its
+        layout is large (10,000 tensors take about 15 ms to parse), and remembered."""
         known = self._specs.get(meta.id)
         if known is not None and known[0] == meta.tenant:
             self._specs.move_to_end(meta.id)
@@ -135,17 +136,6 @@ class EngineBase:
         layout = meta.spec.get("layout")
         big = isinstance(layout, list) and len(layout) > OFFLOAD_TENSORS
         spec = await self.offload(big, Spec.load, meta.spec)
-        self._remember_spec(meta.id, meta.tenant, spec)
-        return spec
-
-    def spec_of(self, meta: SessionMeta) -> Spec:
-        """The parsed spec of `meta`'s session: from memory when this replica parsed it
-        before (a session's spec never changes), else parsed and remembered."""
-        known = self._specs.get(meta.id)
-        if known is not None and known[0] == meta.tenant:
-            self._specs.move_to_end(meta.id)
-            return known[1]
-        spec = Spec.load(meta.spec)
         self._remember_spec(meta.id, meta.tenant, spec)
         return spec
 

@@ -26,7 +26,7 @@ from service.core.state import OptState
 from service.sessions import codecs
 from service.sessions.codecs import Reply
 from service.sessions.engine import Engine
-from service.sessions.engine_base import OFFLOAD_ELEMENTS
+from service.sessions.engine_base import heavy
 from service.sessions.errors import NoAverage, NoRangeTest, WaitTimeout, invalid, spec_error
 from service.sessions.parsing import MAX_PREVIEW_COST, check_preview
 from service.sessions.requests import PreviewPlotRequest
@@ -74,7 +74,7 @@ async def read_params(
             return codecs.binary_reply(tensors, counters)
         return codecs.json_reply({**counters, "params": tensors})
 
-    return await engine.offload(params.size > OFFLOAD_ELEMENTS, encode)
+    return await engine.offload(heavy(spec), encode)
 
 
 def _average(
@@ -133,7 +133,7 @@ def _range_test_config(spec: Spec) -> LRFinderConfig:
 
 async def _meta_spec(engine: Engine, tenant: str, session_id: str) -> tuple[SessionMeta, Spec]:
     meta = await engine.owned_meta(tenant, session_id, refresh=True)
-    return meta, engine.spec_of(meta)
+    return meta, await engine.load_spec(meta)
 
 
 # --- history -------------------------------------------------------------------------------
