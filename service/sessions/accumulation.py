@@ -143,8 +143,8 @@ def accumulate(s: Loaded, step_input: StepInput, stale: int | None, binary: bool
     flushed = {"flushed": True} if count < sync.accumulate else None
     s.own.arrays.pop(ACC_SUM, None)
     s.extra["pending"] = Pending.empty(version + 1).model_dump()
-    step = StepArgs(reduce_grads(total, count, sync.reduce), mean_loss(losses), step_input)
-    step.stale, step.contributors, step.binary, step.history_extra = stale, count, binary, flushed
+    grads = reduce_grads(total, count, sync.reduce)
+    step = StepArgs(grads, mean_loss(losses), step_input, stale, count, binary, flushed)
     return apply_step(s, step)
 
 
@@ -255,8 +255,7 @@ def close_expired(
     grads = reduce_grads(total, count, sync.reduce)
     s.extra["pending"] = Pending.empty(meta.params_version + 1).model_dump()
     request = StepInput(grads, loss, "none", base_version=meta.params_version)
-    flush = StepArgs(grads, loss, request, 0, count, history_extra={"flushed": True})
-    flush.lenient = True
+    flush = StepArgs(grads, loss, request, 0, count, history_extra={"flushed": True}, lenient=True)
     return apply_step(s, flush)
 
 

@@ -283,8 +283,10 @@ def close_round(
         "num_examples": sum(examples),
         "metrics": metrics,
     }
-    close = StepArgs(step_input.grads, loss, step_input, None, count, history_extra=history)
-    close.lenient = True  # a round always closes: a non-finite result is skipped, not refused
+    # lenient: a round always closes (a non-finite result is skipped, not refused)
+    close = StepArgs(
+        step_input.grads, loss, step_input, None, count, history_extra=history, lenient=True
+    )
     done = apply_step(Loaded(spec, meta, params, opt, own, extra), close)
     done.outcome = "round"
     return done
