@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import struct
 from collections.abc import Callable
 from functools import cache
 from typing import Any
@@ -27,6 +26,7 @@ from service.sessions.spec import Limits, Spec
 from service.sessions.state_io import SessionFile, decode_session
 from service.store.memory import MemoryStore
 from tests.api.support import BINARY, Api, decode, encode, make_settings, open_api
+from tests.support.safetensors_files import split_file, st_file, with_meta
 
 PROBLEM = "application/problem+json"
 META = ["body", "__metadata__"]
@@ -91,30 +91,6 @@ async def put(api: Api, sid: str, data: bytes) -> Any:
     return await api.client.put(f"/v1/sessions/{sid}/state", content=data, headers=headers)
 
 
-def split(data: bytes) -> tuple[dict[str, Any], bytes]:
-    """A file's header (JSON, `__metadata__` included) and its data bytes."""
-    (n,) = struct.unpack("<Q", data[:8])
-    header: dict[str, Any] = json.loads(data[8 : 8 + n])
-    return header, data[8 + n :]
-
-
-def join(header: dict[str, Any] | str, data: bytes) -> bytes:
-    raw = (header if isinstance(header, str) else json.dumps(header)).encode()
-    return struct.pack("<Q", len(raw)) + raw + data
-
-
-def with_meta(data: bytes, **values: str | None) -> bytes:
-    """The file with metadata strings replaced (None: removed); tensors byte for byte."""
-    header, body = split(data)
-    meta = header.setdefault("__metadata__", {})
-    for key, value in values.items():
-        if value is None:
-            meta.pop(key, None)
-        else:
-            meta[key] = value
-    return join(header, body)
-
-
 def json_with(value: Any, raw: str) -> str:
     """`json.dumps(value)` with the one `HOLE` in it replaced by the JSON text `raw`."""
     text = json.dumps(value)
@@ -125,7 +101,7 @@ def json_with(value: Any, raw: str) -> str:
 def edit_json(data: bytes, key: str, change: Callable[[Any], Any], raw: str) -> bytes:
     """The file with metadata `key` (JSON) changed by `change` (which puts `HOLE` where
     `raw` goes, or returns a new value holding it)."""
-    header, _ = split(data)
+    header, _ = split_file(data)
     value = json.loads(header["__metadata__"][key])
     changed = change(value)
     return with_meta(data, **{key: json_with(value if changed is None else changed, raw)})
@@ -320,7 +296,7 @@ async def test_more_tensors_than_a_session_can_hold_is_400() -> None:
 async def test_deep_and_huge_json_metadata_is_422(api: Api, kind: str) -> None:
     sid = await make_session(api, kind)
     good = await export(api, sid)
-    header, _ = split(good)
+    header, _ = split_file(good)
     meta = header["__metadata__"]
     keys = ["spec", "extra", "schedule_state"] if kind == "plateau" else ["spec", "extra"]
     for key in keys:
@@ -409,16 +385,16 @@ async def test_informational_metadata_is_ignored_whatever_it_holds(api: Api) -> 
 
 
 def header_edit(data: bytes, change: Callable[[dict[str, Any]], None], raw: str) -> bytes:
-    header, body = split(data)
+    header, body = split_file(data)
     change(header)
-    return join(json_with(header, raw), body)
+    return st_file(json_with(header, raw), body)
 
 
 @pytest.mark.asyncio
 async def test_broken_headers_are_400(api: Api) -> None:
     sid = await make_session(api, "plateau")
     good = await export(api, sid)
-    header, body = split(good)
+    header, body = split_file(good)
     name = next(k for k in header if k.startswith("params/"))
 
     def field(key: str) -> Callable[[dict[str, Any]], None]:
@@ -443,13 +419,13 @@ async def test_broken_headers_are_400(api: Api) -> None:
     # a tensor named twice (a JSON object with a duplicate key)
     text = json.dumps(header)
     duplicate = text[:-1] + f", {json.dumps(name)}: {json.dumps(header[name])}}}"
-    problems = await refused_everywhere(api, sid, join(duplicate, body), 400)
+    problems = await refused_everywhere(api, sid, st_file(duplicate, body), 400)
     assert "twice" in problems[0]["detail"]
     # nesting 100000 deep as the whole header
-    await refused_everywhere(api, sid, join(deep(100_000), body), 400)
+    await refused_everywhere(api, sid, st_file(deep(100_000), body), 400)
     # lone surrogates (not Unicode text: no problem document could name them)
     for key, value in ((name + "\ud800", header[name]), ("__metadata__", {"format": "\udfff"})):
-        problems = await refused_everywhere(api, sid, join({**header, key: value}, body), 400)
+        problems = await refused_everywhere(api, sid, st_file({**header, key: value}, body), 400)
         assert "lone surrogate" in problems[0]["detail"]
 
 
@@ -517,7 +493,7 @@ def mutations(draw: st.DrawFn) -> Callable[[bytes], bytes]:
         sub = draw(st.integers(0, 3))
 
         def json_field(data: bytes) -> bytes:
-            header, _ = split(data)
+            header, _ = split_file(data)
             value = json.loads(header["__metadata__"].get(key, "null"))
             if kind == "layout":
                 entry = value["layout"][pick % len(value["layout"])]
@@ -545,10 +521,10 @@ def mutations(draw: st.DrawFn) -> Callable[[bytes], bytes]:
         pick = draw(st.integers(0, 50))
 
         def entry_field(data: bytes) -> bytes:
-            header, body = split(data)
+            header, body = split_file(data)
             names = sorted(k for k in header if k != "__metadata__")
             header[names[pick % len(names)]][field] = HOLE
-            return join(json_with(header, raw), body)
+            return st_file(json_with(header, raw), body)
 
         return entry_field
     if kind == "tensor":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -26,6 +25,7 @@ import httpx
 import numpy as np
 
 from tests.support.live_server import LiveServer
+from tests.support.safetensors_files import split_file, st_file
 
 T = TypeVar("T")
 
@@ -256,21 +256,6 @@ def assert_readable(client: httpx.Client, sid: str) -> dict[str, Any]:
 DTYPES = {"F32": np.float32, "F64": np.float64}
 
 
-def st_file(
-    header: Mapping[str, Any] | str | bytes, data: bytes, length: int | None = None
-) -> bytes:
-    """A safetensors file: the 8-byte header length (`length`, or the header's own), the
-    header (a dict as JSON, or text / bytes as given) and `data`."""
-    if isinstance(header, bytes):
-        raw = header
-    elif isinstance(header, str):
-        raw = header.encode()
-    else:
-        raw = json.dumps(header).encode()
-    n = len(raw) if length is None else length
-    return struct.pack("<Q", n) + raw + data
-
-
 def st_encode(
     tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None, dtype: str = "F32"
 ) -> tuple[dict[str, Any], bytes]:
@@ -298,12 +283,6 @@ def encode_file(
 ) -> bytes:
     header, data = st_encode(tensors, metadata, dtype)
     return st_file(header, data)
-
-
-def split_file(data: bytes) -> tuple[dict[str, Any], bytes]:
-    (n,) = struct.unpack("<Q", data[:8])
-    header: dict[str, Any] = json.loads(data[8 : 8 + n])
-    return header, data[8 + n :]
 
 
 def decode_file(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -35,6 +35,7 @@ from tests.hostile.support import (
     st_file,
 )
 from tests.support.live_server import LiveServer
+from tests.support.safetensors_files import with_meta
 
 DIGITS_5000 = "9" * 5000
 HOLE = "@@hole@@"
@@ -73,17 +74,6 @@ def good_export(live: LiveServer, client: httpx.Client) -> bytes:
 
 
 # --- edits -----------------------------------------------------------------------------------
-
-
-def with_meta(data: bytes, **values: str | None) -> bytes:
-    header, body = split_file(data)
-    meta = header.setdefault("__metadata__", {})
-    for key, value in values.items():
-        if value is None:
-            meta.pop(key, None)
-        else:
-            meta[key] = value
-    return st_file(header, body)
 
 
 def spec_with(data: bytes, change: Callable[[dict[str, Any]], Any], raw: str) -> bytes:
